@@ -1,0 +1,1 @@
+"""The reusable logic behind the pipeline's stages; stage scripts stay thin."""

@@ -1,0 +1,45 @@
+"""The canonical record every stage after `clean` reads and writes.
+
+    {"id": "…", "messages": [{"role": "system|user|assistant", "content": "…"}],
+     "source": {"file": "…", "line": 17}, "meta": {}}
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+ROLES = ("system", "user", "assistant")
+
+
+def record_id(messages: list[dict]) -> str:
+    """Derived from content only, so appending rows never changes an old record's id (or split)."""
+    canonical = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False,
+                           separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def make_record(messages: list[dict], source: dict, meta: dict | None = None) -> dict:
+    return {"id": record_id(messages), "messages": messages, "source": source, "meta": meta or {}}
+
+
+def conversation_text(record: dict) -> str:
+    """All turns' text, one per line, roles included (what exact/near dedup compare)."""
+    return "\n".join(f"{m['role']}: {m['content']}" for m in record["messages"])
+
+
+def prompt_messages(record: dict) -> list[dict]:
+    """Messages before the final assistant turn: what the model is given at evaluation."""
+    messages = record["messages"]
+    if messages and messages[-1]["role"] == "assistant":
+        return messages[:-1]
+    return messages
+
+
+def reference_answer(record: dict) -> str:
+    """The final assistant turn: what the model should produce."""
+    messages = record["messages"]
+    return messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else ""
+
+
+def turns_text(record: dict, role: str) -> str:
+    return "\n".join(m["content"] for m in record["messages"] if m["role"] == role)
