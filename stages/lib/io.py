@@ -19,6 +19,17 @@ class OutputError(OSError):
     """An output could not be written (read-only directory, disk full, ...)."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: str | os.PathLike, mode: int) -> None:
+    # mkstemp/mkdtemp create 0600/0700 entries; outputs get the usual umask-based permissions.
+    os.chmod(path, mode & ~_umask())
+
+
 def dumps_record(obj: Any) -> str:
     # sort_keys + fixed separators: the same record always serialises to the same bytes.
     return json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
@@ -39,6 +50,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        _publish_mode(tmp, 0o666)
         os.replace(tmp, path)
     except OSError as exc:
         with contextlib.suppress(OSError):
@@ -93,6 +105,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        _publish_mode(tmp, 0o777)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

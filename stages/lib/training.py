@@ -1,0 +1,291 @@
+"""QLoRA training: tokenisation with an assistant-only loss mask, device plans, the TRL run.
+
+The same code path runs on CPU and CUDA; `plan_training` decides what differs (compute dtype,
+packing, gradient checkpointing, fused kernels) from the device and `train.profile`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from stages.lib.io import read_jsonl
+
+IGNORE = 0  # mask value for tokens that do not contribute to the loss
+
+
+class TemplateError(ValueError):
+    """The chat template does not render conversations prefix by prefix, so masks cannot be built."""
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> dict | None:
+    """Token ids of the conversation in the model's own chat template, with a mask that is 1
+    exactly on the assistant turns' tokens, end-of-turn token included (so the model learns to
+    stop). Returns None when truncation to `max_length` leaves no assistant token to learn from.
+
+    The spans come from rendering the conversation prefix by prefix: the text an assistant turn
+    adds is what lies between "everything before it + generation prompt" and "everything up to
+    and including it". This works for any template that renders prefixes consistently (ChatML,
+    Llama 3, Mistral, ...) without `{% generation %}` markers, which most templates lack.
+    """
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:index], tokenize=False,
+                                               add_generation_prompt=True) if index else ""
+        through = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        if not (text.startswith(through) and through.startswith(before)):
+            raise TemplateError("the chat template does not render conversation prefixes "
+                                "consistently; cannot locate assistant turns for the loss mask")
+        spans.append((len(before), len(through)))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(lo <= start < hi for lo, hi in spans)) for start, _ in encoded["offset_mapping"]]
+    input_ids = encoded["input_ids"][:max_length]
+    mask = mask[:max_length]
+    if not any(mask):
+        return None
+    return {"input_ids": input_ids, "assistant_masks": mask}
+
+
+def build_dataset(records: list[dict], tokenizer, max_length: int):
+    """Tokenise records into a datasets.Dataset; return it and how many were dropped."""
+    from datasets import Dataset
+
+    rows, dropped = [], 0
+    for record in records:
+        row = tokenize_conversation(tokenizer, record["messages"], max_length)
+        if row is None:
+            dropped += 1
+        else:
+            rows.append(row)
+    columns = {"input_ids": [r["input_ids"] for r in rows],
+               "assistant_masks": [r["assistant_masks"] for r in rows]}
+    return Dataset.from_dict(columns), dropped
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    device: str                 # "cuda" or "cpu"
+    compute_dtype: str          # "bf16" | "fp16" | "fp32"
+    quantize: bool
+    packing: bool
+    gradient_checkpointing: bool
+    liger: bool
+    per_device_batch_size: int
+    grad_accum: int
+
+
+def plan_training(train, cuda: bool, bf16_supported: bool = True, liger_available: bool = False) -> TrainingPlan:
+    """Resolve `train.profile` and the auto settings for this device (pure: no torch calls)."""
+    profile = train.profile
+    if profile == "auto":
+        profile = "throughput" if cuda else "cpu"
+    if train.compute_dtype != "auto":
+        dtype = train.compute_dtype
+    elif cuda:
+        dtype = "bf16" if bf16_supported else "fp16"
+    else:
+        dtype = "fp32"  # nf4 with bf16 compute on CPU diverged (DESIGN.md)
+    on_gpu_profile = cuda and profile in ("throughput", "low_memory")
+    packing = train.packing if train.packing is not None else on_gpu_profile
+    checkpointing = (train.gradient_checkpointing if train.gradient_checkpointing is not None
+                     else profile == "low_memory")
+    return TrainingPlan(
+        device="cuda" if cuda else "cpu", compute_dtype=dtype, quantize=train.quantization == "nf4",
+        packing=bool(packing), gradient_checkpointing=bool(checkpointing),
+        liger=bool(cuda and liger_available and profile != "cpu"),
+        per_device_batch_size=train.batch_size, grad_accum=train.grad_accum)
+
+
+def peak_memory_bytes(cuda: bool) -> int:
+    if cuda:
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def make_dvclive_callback(live_dir: Path):
+    """Per-step curves through DVCLive. On resume, the steps before the interruption are replayed
+    from the checkpoint's log history, so the curve is whole although DVC wiped the old plots."""
+    from transformers import TrainerCallback
+
+    class DVCLiveCurves(TrainerCallback):
+        live = None
+
+        def _log(self, entry: dict, step: int):
+            self.live.step = step
+            for key, value in entry.items():
+                # train_loss/train_runtime etc. are end-of-run summaries, not per-step points.
+                if not isinstance(value, (int, float)) or key in ("epoch", "step", "total_flos") \
+                        or key.startswith("train_"):
+                    continue
+                name = "eval/" + key[len("eval_"):] if key.startswith("eval_") else "train/" + key
+                self.live.log_metric(name, value)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                from dvclive import Live
+
+                self.live = Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None)
+                for entry in state.log_history:
+                    self._log(entry, entry.get("step", 0))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.live is not None and logs:
+                self._log(logs, state.global_step)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.live is not None:
+                self.live.end()
+
+    return DVCLiveCurves()
+
+
+class TrainError(RuntimeError):
+    """Training cannot start or finish; the message says why."""
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def run_training(params, *, train_path: Path, validation_path: Path, adapter_dir: Path,
+                 live_dir: Path, checkpoint_root: Path) -> dict:
+    """Train a LoRA adapter on the train split; write the adapter; return the report dict."""
+    import importlib.util
+    import os
+
+    import torch
+    from peft import LoraConfig
+    from transformers import EarlyStoppingCallback, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from stages.lib import checkpoints
+    from stages.lib.io import atomic_dir, write_json
+    from stages.lib.modeling import load_model, load_tokenizer, pick_compute_dtype, resolve_base_model
+
+    train = params.train
+    cuda = torch.cuda.is_available()
+    plan = plan_training(train, cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported(),
+                         liger_available=importlib.util.find_spec("liger_kernel") is not None)
+    dtype = pick_compute_dtype(plan.compute_dtype, cuda)
+    set_seed(train.seed)
+
+    resolved = resolve_base_model(params.model)
+    tokenizer = load_tokenizer(resolved)
+    train_records = list(read_jsonl(train_path))
+    validation_records = list(read_jsonl(validation_path)) if validation_path.exists() else []
+    if not train_records:
+        raise TrainError(f"{train_path} is empty: nothing to train on")
+    train_dataset, dropped = build_dataset(train_records, tokenizer, train.max_length)
+    if len(train_dataset) == 0:
+        raise TrainError(f"every training example lost its answer to truncation at "
+                         f"train.max_length={train.max_length}; raise it")
+    eval_dataset = build_dataset(validation_records, tokenizer, train.max_length)[0] if validation_records else None
+    if eval_dataset is not None and len(eval_dataset) == 0:
+        eval_dataset = None
+
+    fingerprint = checkpoints.run_fingerprint(
+        [p for p in (train_path, validation_path) if p.exists()],
+        params.model.model_dump(), train.model_dump())
+    run_dir = checkpoint_root / fingerprint
+    checkpoints.prune_other_runs(checkpoint_root, keep=fingerprint)
+    resume_from = checkpoints.latest_valid_checkpoint(run_dir)
+    if resume_from is not None:
+        print(f"resuming from {resume_from} (an earlier run of the same data and params was interrupted)",
+              file=sys.stderr)
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    model = load_model(resolved, quantize=plan.quantize, compute_dtype=dtype,
+                       device_map={"": local_rank} if cuda else None)
+    model.config.use_cache = False  # a KV cache during training is waste, and breaks packed attention
+    lora = LoraConfig(r=train.lora.r, lora_alpha=train.lora.alpha, lora_dropout=train.lora.dropout,
+                      target_modules=train.lora.target_modules, bias="none", task_type="CAUSAL_LM")
+    has_eval = eval_dataset is not None
+    args = SFTConfig(
+        output_dir=str(run_dir), seed=train.seed, data_seed=train.seed,
+        num_train_epochs=train.epochs, max_steps=train.max_steps,
+        per_device_train_batch_size=plan.per_device_batch_size,
+        per_device_eval_batch_size=plan.per_device_batch_size,
+        gradient_accumulation_steps=plan.grad_accum,
+        learning_rate=train.learning_rate, lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio, weight_decay=train.weight_decay,
+        max_length=train.max_length, packing=plan.packing,
+        packing_strategy="bfd", padding_free=plan.packing,
+        gradient_checkpointing=plan.gradient_checkpointing,
+        use_liger_kernel=plan.liger,
+        bf16=plan.compute_dtype == "bf16", fp16=plan.compute_dtype == "fp16",
+        use_cpu=not cuda,
+        logging_steps=train.logging_steps, logging_first_step=True,
+        save_strategy="steps", save_steps=train.save_steps, save_total_limit=train.save_total_limit,
+        eval_strategy="steps" if has_eval else "no", eval_steps=train.eval_steps,
+        load_best_model_at_end=bool(has_eval and train.early_stopping_patience),
+        metric_for_best_model="eval_loss" if has_eval else None, greater_is_better=False,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none", dataloader_num_workers=0,
+        ddp_find_unused_parameters=False if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+    )
+    callbacks = [checkpoints.make_seal_callback(), make_dvclive_callback(live_dir)]
+    if has_eval and train.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=tokenizer, peft_config=lora, callbacks=callbacks)
+    if dtype == torch.float32:
+        # TRL stores LoRA weights of a quantised model in bf16 (the QLoRA paper's GPU recipe); with
+        # fp32 compute on CPU keep them fp32, or small Adam updates round away.
+        for parameter in trainer.model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    wall = time.perf_counter() - started
+
+    state = trainer.state
+    losses = [e["loss"] for e in state.log_history if "loss" in e]
+    eval_losses = [e["eval_loss"] for e in state.log_history if "eval_loss" in e]
+    tokens = int(state.num_input_tokens_seen)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    report = {
+        "model": resolved.label, "device": plan.device, "plan": asdict(plan),
+        "steps": state.global_step, "epochs": round(state.epoch or 0, 4),
+        "train_examples": len(train_dataset), "dropped_by_truncation": dropped,
+        "first_loss": round(losses[0], 4) if losses else None,
+        "final_loss": round(losses[-1], 4) if losses else None,
+        "mean_loss": round(result.training_loss, 4),
+        "eval_loss": round(eval_losses[-1], 4) if eval_losses else None,
+        "tokens_seen": tokens, "wall_s": round(wall, 1),
+        "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None,
+        "peak_memory_mib": round(peak_memory_bytes(cuda) / 2**20, 1),
+        "trainable_params": trainable,
+        "resumed_from_step": int(resume_from.name.split("-")[-1]) if resume_from else None,
+    }
+    if trainer.is_world_process_zero():
+        with atomic_dir(adapter_dir) as tmp:
+            trainer.model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            write_json(tmp / "training_config.json", {
+                "base_model": {"base": params.model.base, "resolved": resolved.path,
+                               "revision": resolved.revision},
+                "train": train.model_dump(), "plan": asdict(plan), "versions": _versions()})
+        # The adapter is now in DVC's hands; the checkpoints have served their purpose.
+        checkpoints.remove_run(run_dir)
+    return report

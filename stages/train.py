@@ -1,0 +1,58 @@
+"""Stage `train`: QLoRA on the train split -> models/adapter/, reports/train.json, loss curves.
+
+With train.num_processes > 1 the stage re-launches itself under `accelerate launch` (DDP), so the
+command in dvc.yaml stays `python -m stages.train` on any machine.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from stages.lib.io import OutputError, write_json
+from stages.lib.params import ParamsError, load_params
+
+TRAIN = Path("data/split/train.jsonl")
+VALIDATION = Path("data/split/validation.jsonl")
+ADAPTER = Path("models/adapter")
+REPORT = Path("reports/train.json")
+CURVES = Path("reports/train")
+CHECKPOINTS = Path("checkpoints/train")
+
+
+def _relaunch_with_accelerate(num_processes: int) -> int:
+    accelerate = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
+    command = [accelerate, "launch", "--num_processes", str(num_processes), "-m", "stages.train"]
+    print("running:", " ".join(command), file=sys.stderr)
+    os.execv(accelerate, command)
+    return 1  # not reached
+
+
+def main() -> int:
+    try:
+        params = load_params()
+    except ParamsError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    if params.train.num_processes > 1 and "LOCAL_RANK" not in os.environ:
+        return _relaunch_with_accelerate(params.train.num_processes)
+
+    from stages.lib.modeling import ModelError
+    from stages.lib.training import TemplateError, TrainError, run_training
+
+    try:
+        report = run_training(params, train_path=TRAIN, validation_path=VALIDATION,
+                              adapter_dir=ADAPTER, live_dir=CURVES, checkpoint_root=CHECKPOINTS)
+    except (ModelError, TrainError, TemplateError, OutputError) as exc:
+        print(f"train: {exc}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_json(REPORT, report)
+        print(f"train: {report['steps']} steps, loss {report['first_loss']} -> {report['final_loss']}, "
+              f"{report['tokens_per_s']} tokens/s, adapter in {ADAPTER}/", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
