@@ -1,0 +1,137 @@
+"""Stages `evaluate_base` and `evaluate`: generate on the test split and the probe set, score.
+
+    python -m stages.evaluate --model base    # base model only: cached apart from training
+    python -m stages.evaluate --model tuned   # base + adapter, then base vs tuned report and gates
+
+Both load the base model exactly as training did (same quantisation and compute dtype), so the
+two differ by the adapter alone.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from stages.lib.io import OutputError, atomic_dir, read_json, read_jsonl, write_json, write_jsonl, write_text
+from stages.lib.params import ParamsError, load_params
+
+TEST = Path("data/split/test.jsonl")
+ADAPTER = Path("models/adapter")
+EVAL_DIR = Path("data/eval")
+BASE_REPORT = Path("reports/eval_base.json")
+REPORT = Path("reports/eval.json")
+PLOT = Path("reports/plots/eval_metrics.json")
+SAMPLES = Path("reports/samples.md")
+LOSS_MAX_TOKENS = 4096  # truncation for the reference-answer loss; long enough for any sample row
+
+
+class EvalError(RuntimeError):
+    pass
+
+
+def _load_probes(folder: Path) -> tuple[list[dict], str]:
+    questions = folder / "general.jsonl"
+    text = folder / "general_text.txt"
+    if not questions.exists():
+        raise EvalError(f"{questions} not found (evaluate.probes names the probe folder)")
+    return list(read_jsonl(questions)), text.read_text(encoding="utf-8") if text.exists() else ""
+
+
+def evaluate_model(params, which: str) -> tuple[dict, list[dict], list[dict]]:
+    """Generate and score one model; return (metrics, prediction rows, probe rows)."""
+    from stages.lib.generation import answer_loss, generate, load_for_inference, text_perplexity
+    from stages.lib.metrics import task_metrics
+    from stages.lib.records import prompt_messages, reference_answer
+
+    settings = params.evaluate
+    test = list(read_jsonl(TEST))[: settings.max_samples]
+    if not test:
+        raise EvalError(f"{TEST} is empty: nothing to evaluate on")
+    probes, probe_text = _load_probes(Path(settings.probes))
+    if which == "tuned" and not (ADAPTER / "adapter_config.json").exists():
+        raise EvalError(f"{ADAPTER}/adapter_config.json not found: run the train stage first")
+
+    model, tokenizer = load_for_inference(params, ADAPTER if which == "tuned" else None)
+    predictions = generate(model, tokenizer, [prompt_messages(r) for r in test],
+                           max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
+                           desc=f"{which}: test split")
+    probe_outputs = generate(model, tokenizer, [[{"role": "user", "content": p["prompt"]}] for p in probes],
+                             max_new_tokens=min(settings.max_new_tokens, 48),
+                             batch_size=settings.batch_size, desc=f"{which}: general probes")
+    loss, perplexity = answer_loss(model, tokenizer, [r["messages"] for r in test],
+                                   max_length=LOSS_MAX_TOKENS, batch_size=settings.batch_size)
+    references = [reference_answer(r) for r in test]
+    metrics = task_metrics(predictions, references, settings, probe_outputs=probe_outputs, probes=probes)
+    metrics["loss"] = loss
+    metrics["perplexity"] = perplexity
+    metrics["general_perplexity"] = text_perplexity(model, tokenizer, probe_text) if probe_text else None
+    rows = [{"id": r["id"], "prompt": prompt_messages(r), "reference": ref, "prediction": pred}
+            for r, ref, pred in zip(test, references, predictions)]
+    probe_rows = [{"id": p["id"], "prompt": p["prompt"], "output": out} for p, out in zip(probes, probe_outputs)]
+    return metrics, rows, probe_rows
+
+
+def _save(which: str, metrics: dict, rows: list[dict], probe_rows: list[dict]) -> None:
+    with atomic_dir(EVAL_DIR / which) as folder:
+        write_jsonl(folder / "predictions.jsonl", rows)
+        write_jsonl(folder / "probes.jsonl", probe_rows)
+        write_json(folder / "metrics.json", metrics)
+
+
+def report_tuned(params, tuned: dict, rows: list[dict], probe_rows: list[dict]) -> list[str]:
+    """Write the base vs tuned report, plot and samples; return failed gates."""
+    from stages.lib.gates import check_gates
+    from stages.lib.metrics import compare
+    from stages.lib.report import eval_plot_rows, samples_markdown
+
+    base_dir = EVAL_DIR / "base"
+    if not (base_dir / "metrics.json").exists():
+        raise EvalError(f"{base_dir}/metrics.json not found: run `dvc repro evaluate_base` first")
+    base = read_json(base_dir / "metrics.json")
+    base_rows = {r["id"]: r for r in read_jsonl(base_dir / "predictions.jsonl")}
+    report = compare(base, tuned, n={"test": len(rows), "probes": len(probe_rows)})
+    write_json(REPORT, report)
+    write_json(PLOT, eval_plot_rows(report))
+    side_by_side = [{"id": r["id"], "prompt": r["prompt"], "reference": r["reference"],
+                     "base": base_rows.get(r["id"], {}).get("prediction", ""), "tuned": r["prediction"]}
+                    for r in rows]
+    write_text(SAMPLES, samples_markdown(side_by_side, params.evaluate.n_samples,
+                                         extract=params.evaluate.extract))
+    return check_gates(params.evaluate.gates, report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("base", "tuned"), required=True)
+    args = parser.parse_args(argv)
+    try:
+        params = load_params()
+    except ParamsError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+
+    from stages.lib.modeling import ModelError
+
+    try:
+        metrics, rows, probe_rows = evaluate_model(params, args.model)
+        _save(args.model, metrics, rows, probe_rows)
+        if args.model == "base":
+            from stages.lib.metrics import round_metrics
+
+            write_json(BASE_REPORT, {k: v for k, v in round_metrics(metrics).items() if v is not None})
+            failures = []
+        else:
+            failures = report_tuned(params, metrics, rows, probe_rows)
+    except (EvalError, ModelError, OutputError, ValueError) as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 1
+    summary = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float))
+    print(f"evaluate ({args.model}): {summary}", file=sys.stderr)
+    if failures:
+        print("evaluation gates failed:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
