@@ -1,0 +1,67 @@
+import os
+
+import pytest
+
+from stages.lib.io import OutputError, atomic_dir, atomic_file, read_jsonl, resolve_data_path, write_json, write_jsonl
+
+
+def test_write_jsonl_is_deterministic_and_readable(tmp_path):
+    rows = [{"b": 1, "a": "é"}, {"a": [1, 2]}]
+    path = tmp_path / "out.jsonl"
+    assert write_jsonl(path, rows) == 2
+    first = path.read_bytes()
+    write_jsonl(path, rows)
+    assert path.read_bytes() == first == '{"a":"é","b":1}\n{"a":[1,2]}\n'.encode()
+    assert list(read_jsonl(path)) == rows
+
+
+def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "report.json"
+    write_json(path, {"ok": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_file(path) as handle:
+            handle.write("half")
+            raise RuntimeError("killed mid-write")
+    assert path.read_text().startswith("{")
+    assert os.listdir(tmp_path) == ["report.json"]
+
+
+def test_outputs_get_normal_permissions(tmp_path):
+    write_json(tmp_path / "r.json", {})
+    assert (tmp_path / "r.json").stat().st_mode & 0o044  # group/other readable under a usual umask
+
+
+def test_unwritable_target_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a directory should be")
+    with pytest.raises(OutputError, match="cannot write"):
+        write_json(blocker / "x.json", {})
+
+
+def test_read_only_directory_is_a_clear_error(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root ignores directory permissions")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    with pytest.raises(OutputError, match="cannot write"):
+        write_json(locked / "x.json", {})
+
+
+def test_atomic_dir_replaces_whole_folder(tmp_path):
+    target = tmp_path / "adapter"
+    with atomic_dir(target) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(ValueError):
+        with atomic_dir(target) as tmp:
+            (tmp / "b").write_text("2")
+            raise ValueError
+    assert sorted(p.name for p in target.iterdir()) == ["a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_data_paths_cannot_escape_the_project(tmp_path):
+    assert resolve_data_path("data/raw/x.jsonl", tmp_path) == tmp_path.resolve() / "data/raw/x.jsonl"
+    with pytest.raises(ValueError, match="outside the project"):
+        resolve_data_path("../../etc/passwd", tmp_path)
+    assert str(resolve_data_path("/etc/hosts", tmp_path)) == "/etc/hosts"  # deliberate absolute path
