@@ -1,0 +1,178 @@
+"""End to end: `dvc repro` of the whole pipeline on a tiny config, with the real default model on
+CPU. Checks the adapter, that LoRA learned while the base stayed put, caching, which stages a
+params change invalidates, resume after SIGKILL, and that a canary HF_TOKEN leaks nowhere."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+CANARY = "hf_CANARYtoken0123456789abcdef"
+BIN = Path(sys.executable).parent
+TINY = {
+    "train": {"max_steps": 6, "batch_size": 4, "save_steps": 2, "eval_steps": 3, "logging_steps": 1,
+              "max_length": 256},
+    "evaluate": {"max_samples": 4, "max_new_tokens": 24, "batch_size": 8, "n_samples": 2},
+}
+# What the copy leaves out: outputs, caches and environments, never sources.
+IGNORE = shutil.ignore_patterns(".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".hypothesis",
+                                "models", "checkpoints", "cache", "tmp", "clean", "dedup", "split", "eval",
+                                "reports", ".whl", "bench")
+
+
+def _env() -> dict:
+    env = dict(os.environ, HF_TOKEN=CANARY, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+               PYTHONPATH=os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1")
+    return env
+
+
+def _run(args, cwd, check=True, **kwargs):
+    result = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def _set_params(project: Path, updates: dict) -> None:
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for section, values in updates.items():
+        for key, value in values.items():
+            node = params[section]
+            *parents, last = key.split(".")
+            for part in parents:
+                node = node[part]
+            node[last] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    project = tmp_path_factory.mktemp("e2e") / "project"
+    shutil.copytree(ROOT, project, ignore=IGNORE)
+    # A slice of the shipped sample keeps the run short; its defects still exercise every stage.
+    lines = (ROOT / "data/raw/support_tickets.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (project / "data/raw/tiny.jsonl").write_text("".join(lines[:160]), encoding="utf-8")
+    _set_params(project, {"data": {"raw": "data/raw/tiny.jsonl"}, **TINY})
+    _run(["git", "init", "-q"], project)
+    _run(["git", "add", "-A"], project)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"], project)
+    result = _run([str(BIN / "dvc"), "repro"], project)
+    project.joinpath("first_repro.log").write_text(result.stdout + result.stderr)
+    return project
+
+
+def test_repro_writes_a_peft_adapter_and_reports(project):
+    adapter = project / "models/adapter"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "training_config.json"):
+        assert (adapter / name).exists(), name
+    train = json.loads((project / "reports/train.json").read_text())
+    assert train["steps"] == 6
+    assert train["final_loss"] < train["first_loss"], "training on CPU must lower the loss"
+    assert train["plan"]["compute_dtype"] == "fp32" and train["plan"]["quantize"] is True
+    loss_curve = (project / "reports/train/plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert loss_curve[0] == "step\tloss" and len(loss_curve) == 7
+    report = json.loads((project / "reports/eval.json").read_text())
+    assert {"base", "tuned", "delta"} <= report.keys()
+    for metric in ("loss", "json_valid", "rouge_l", "general_accuracy"):
+        assert metric in report["tuned"] and metric in report["base"]
+    assert report["tuned"]["loss"] < report["base"]["loss"]
+    assert (project / "reports/samples.md").read_text().count("| marks |") == 2
+
+
+def test_lora_weights_changed_base_weights_did_not(project):
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    adapter = project / "models/adapter"
+    weights = load_file(adapter / "adapter_model.safetensors")
+    assert weights and all("lora_" in name for name in weights)
+    # lora_B starts at zero: any non-zero B means the adapter learned.
+    assert any(t.abs().sum() > 0 for n, t in weights.items() if "lora_B" in n)
+
+    base_dir = next((project / "models/base").iterdir())
+    base_before = load_file(base_dir / "model.safetensors")
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    ids = torch.tensor([[1, 4093, 198, 19556, 30, 2, 198, 1, 520, 9531, 198]])
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, adapter)  # plain PEFT, no project code
+        tuned_logits = tuned(ids).logits
+    assert not torch.allclose(base_logits, tuned_logits, atol=1e-4)
+    for name, tensor in tuned.get_base_model().state_dict().items():
+        key = name.replace(".base_layer", "")
+        if key in base_before:
+            assert torch.equal(tensor, base_before[key]), f"base weight {key} changed"
+
+
+def test_second_repro_does_nothing(project):
+    result = _run([str(BIN / "dvc"), "repro"], project)
+    assert "Data and pipelines are up to date" in result.stdout + result.stderr
+
+
+def _changed_stages(project) -> set[str]:
+    status = json.loads(_run([str(BIN / "dvc"), "status", "--json"], project).stdout or "{}")
+    return set(status)
+
+
+def test_params_changes_invalidate_exactly_their_stages(project):
+    original = (project / "params.yaml").read_text()
+    try:
+        _set_params(project, {"train": {"lora.r": 8}})
+        assert _changed_stages(project) == {"train"}  # evaluate follows from the new adapter
+        (project / "params.yaml").write_text(original)
+        _set_params(project, {"dedup": {"threshold": 0.75}})
+        assert _changed_stages(project) == {"dedup"}  # clean is untouched; split follows dedup
+        (project / "params.yaml").write_text(original)
+        _set_params(project, {"evaluate": {"max_new_tokens": 20}})
+        assert _changed_stages(project) == {"evaluate_base", "evaluate"}
+    finally:
+        (project / "params.yaml").write_text(original)
+    assert _changed_stages(project) == set()
+
+
+def test_killed_training_resumes_from_its_last_checkpoint(project):
+    _set_params(project, {"train": {"learning_rate": 0.0004}})  # a new run: old checkpoints don't apply
+    checkpoints = project / "checkpoints/train"
+    process = subprocess.Popen([str(BIN / "dvc"), "repro", "train"], cwd=project, env=_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and process.poll() is None:
+            if list(checkpoints.glob("*/checkpoint-4/checkpoint_seal.json")):
+                break
+            time.sleep(0.5)
+        assert process.poll() is None, "training finished before it could be interrupted"
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    result = _run([str(BIN / "dvc"), "repro", "train"], project)
+    assert "resuming from" in result.stderr
+    assert json.loads((project / "reports/train.json").read_text())["resumed_from_step"] == 4
+    loss_curve = (project / "reports/train/plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert len(loss_curve) == 7, "the curve before the interruption is replayed"
+
+
+def test_canary_token_appears_nowhere(project):
+    leaks = []
+    for path in project.rglob("*"):
+        if path.is_file() and path.stat().st_size < 50_000_000 and ".git" not in path.parts:
+            if CANARY.encode() in path.read_bytes():
+                leaks.append(str(path.relative_to(project)))
+    assert not leaks, f"HF_TOKEN leaked into {leaks}"
