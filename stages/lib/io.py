@@ -106,6 +106,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         _publish_mode(tmp, 0o777)
+        for entry in tmp.rglob("*"):  # libraries write some files 0600 (safetensors' mkstemp)
+            _publish_mode(entry, 0o777 if entry.is_dir() else 0o666)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -70,6 +70,9 @@ class SplitParams(_Section):
     group_threshold: float = Field(default=0.5, gt=0, le=1)
     group_by: Optional[str] = None
     ngram: int = Field(default=13, gt=1)
+    # An n-gram in more than max(2, ngram_max_df * rows) records is boilerplate (a template, the
+    # JSON skeleton of every answer), not a copied example: it never counts as leakage.
+    ngram_max_df: float = Field(default=0.01, gt=0, le=1)
     max_leakage: int = Field(default=0, ge=0)
     max_examples: int = Field(default=5, ge=0, description="example pairs kept per audit check")
 
@@ -112,6 +115,9 @@ class TrainParams(_Section):
     # auto: the throughput profile on CUDA, plain batches on CPU.
     profile: Literal["auto", "throughput", "low_memory", "cpu"] = "auto"
     packing: Optional[bool] = None
+    # Packed tokens per micro-batch on CUDA (one padding-free row, per-example attention).
+    # null: the profile's default (bench/NOTES.md), lowered to what fits in free GPU memory.
+    tokens_per_batch: Optional[int] = Field(default=None, gt=0)
     gradient_checkpointing: Optional[bool] = None
     lora: LoraParams = LoraParams()
     logging_steps: int = Field(default=5, gt=0)
@@ -157,6 +163,14 @@ class EvaluateParams(_Section):
         return value
 
 
+class ExportParams(_Section):
+    enabled: bool = True
+    # GGUF types the `gguf` package writes without llama.cpp; null: no GGUF file.
+    gguf: Optional[Literal["f32", "f16", "bf16", "q8_0"]] = "q8_0"
+    check_prompts: int = Field(default=3, ge=0, description="test rows whose greedy answers are compared")
+    check_max_new_tokens: int = Field(default=32, gt=0)
+
+
 class Params(_Section):
     data: DataParams = DataParams()
     clean: CleanParams = CleanParams()
@@ -165,6 +179,7 @@ class Params(_Section):
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
 
 
 # An unknown key that looks like a secret gets a pointed message: DVC copies params into dvc.lock.

@@ -1,0 +1,565 @@
+"""Export the fine-tuned model: merge the LoRA adapter into the base weights, write a plain
+transformers model (models/merged/) and, optionally, a GGUF file for llama.cpp / Ollama.
+
+The merge is into the *unquantised* base (fp32 on CPU, bf16 on CUDA), not into the nf4 weights
+the adapter was trained against. That is the standard practice (a merged nf4 model would have to
+be re-quantised, losing the update in rounding), but it is not bit-identical to the nf4 base +
+adapter that `evaluate` measured: the adapter partly learned to correct nf4 rounding that the
+full-precision base does not have. The checks here compare the merged model with the unquantised
+base + adapter, which is what the merge must reproduce exactly.
+
+GGUF types written from Python with the `gguf` package alone (no llama.cpp build): f32, f16,
+bf16 and q8_0. gguf-py 0.19 can also quantise q4_0/q4_1/q5_0/q5_1, but llama.cpp's own quantiser
+picks per-tensor types for those (and k-quants, which gguf-py cannot write at all); use
+`llama-quantize` on the f16 file for anything smaller than q8_0.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from stages.lib.io import atomic_dir, write_text
+
+# GGUF type name -> (GGMLQuantizationType name, LlamaFileType name) in the gguf package.
+GGUF_TYPES = {
+    "f32": ("F32", "ALL_F32"),
+    "f16": ("F16", "MOSTLY_F16"),
+    "bf16": ("BF16", "MOSTLY_BF16"),
+    "q8_0": ("Q8_0", "MOSTLY_Q8_0"),
+}
+# Used when the test split has no rows to check on.
+FALLBACK_CHECK_PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
+# A merge done in fp32 reproduces base + adapter to float rounding (measured ~1e-5 on SmolLM2);
+# anything above this is a merge bug, not noise.
+FP32_MAX_LOGIT_DIFF = 1e-3
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported as asked; the message says why and what to do."""
+
+
+# --------------------------------------------------------------------------------------------
+# Stop tokens
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn: the tokenizer's eos plus the special token the chat
+    template writes right after an assistant message (<|im_end|> for ChatML, <|eot_id|> for
+    Llama 3). Without the latter in generation_config.json, tools that stop at `eos_token_id`
+    only would let the model run on into a made-up next user turn."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    probe = "XQZPROBE"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}], tokenize=False)
+    except Exception:  # a template that refuses this shape: fall back to eos alone
+        text = ""
+    if probe in text:
+        after = text[text.rindex(probe) + len(probe):]
+        following = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+        special = set(tokenizer.all_special_ids) | {
+            i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        if following and following[0] in special:
+            ids.append(following[0])
+    return sorted(set(ids))
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """Every id generation should stop at: the generation config's eos ids and the turn ends."""
+    configured = model.generation_config.eos_token_id
+    configured = configured if isinstance(configured, list) else [configured]
+    return sorted({i for i in [*configured, *end_of_turn_ids(tokenizer)] if isinstance(i, int)})
+
+
+# --------------------------------------------------------------------------------------------
+# Merge
+
+
+def merge_dtype(cuda: bool):
+    """fp32 on CPU (exact merge, and bf16 on CPU diverged in training, DESIGN.md); bf16 on CUDA."""
+    import torch
+
+    if cuda and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_adapter_tokenizer(adapter_dir: Path, resolved):
+    """The tokenizer saved with the adapter (what training used), else the base model's."""
+    from stages.lib.modeling import load_tokenizer
+
+    if (adapter_dir / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+        if tokenizer.chat_template is not None:
+            return tokenizer
+    return load_tokenizer(resolved)
+
+
+def _model_card(label: str, dtype: str, eos: list[int], tokenizer) -> str:
+    names = ", ".join(f"{tokenizer.convert_ids_to_tokens(i)} ({i})" for i in eos)
+    return f"""# Merged fine-tuned model
+
+The LoRA adapter in `models/adapter/` merged into the base model `{label}`, saved as plain
+transformers safetensors ({dtype}) with its tokenizer and chat template. It loads without PEFT:
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained("models/merged")
+model = AutoModelForCausalLM.from_pretrained("models/merged")
+```
+
+`generation_config.json` stops generation at: {names}.
+
+Written by the `export` stage (`dvc repro export`). The merge is into the full-precision base,
+not the nf4-quantised base the adapter was trained against: the standard practice, close to but
+not bit-identical with what `evaluate` measured (see reports/export.json).
+"""
+
+
+def _greedy(model, tokenizer, messages, *, max_new_tokens: int, stops: list[int]) -> list[int]:
+    import torch
+
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)
+    ids = {k: v.to(model.device) for k, v in ids.items()}
+    with torch.inference_mode():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                             top_p=None, top_k=None, eos_token_id=stops,
+                             pad_token_id=tokenizer.pad_token_id)
+    return out[0, ids["input_ids"].shape[1]:].tolist()
+
+
+def _prompt_logits(model, tokenizer, messages):
+    import torch
+
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                        return_dict=True)
+    with torch.inference_mode():
+        return model(input_ids=ids["input_ids"].to(model.device)).logits[0].float().cpu()
+
+
+def _prefix_agreement(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def merge_adapter(resolved, adapter_dir: Path, merged_dir: Path, *, checks: list[list[dict]],
+                  max_new_tokens: int) -> dict:
+    """Merge `adapter_dir` into the unquantised base; write `merged_dir`; return the check report.
+
+    The check: for each conversation in `checks`, the prompt logits and the greedy tokens of the
+    merged model reloaded from disk (plain transformers, as a user loads it) against the
+    unquantised base + adapter (PEFT).
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from stages.lib.modeling import load_model
+
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise ExportError(f"{adapter_dir}/adapter_config.json not found: run the train stage first")
+    cuda = torch.cuda.is_available()
+    dtype = merge_dtype(cuda)
+    device_map = {"": 0} if cuda else None
+    tokenizer = load_adapter_tokenizer(adapter_dir, resolved)
+    base = load_model(resolved, quantize=False, compute_dtype=dtype, device_map=device_map)
+    peft_model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    stops = stop_ids(base, tokenizer)
+
+    reference = [(_prompt_logits(peft_model, tokenizer, c),
+                  _greedy(peft_model, tokenizer, c, max_new_tokens=max_new_tokens, stops=stops))
+                 for c in checks]
+
+    merged = peft_model.merge_and_unload()
+    # The generation config is what transformers, vLLM and TGI read to know when to stop.
+    merged.generation_config.eos_token_id = stops
+    merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    merged.config.eos_token_id = stops[0] if len(stops) == 1 else stops
+    dtype_name = str(dtype).removeprefix("torch.")
+    with atomic_dir(merged_dir) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_text(tmp / "README.md", _model_card(resolved.label, dtype_name, stops, tokenizer))
+        for path in tmp.iterdir():  # save_pretrained leaves some files 0600; outputs follow umask
+            os.chmod(path, 0o666 & ~_umask())
+    del merged, peft_model, base
+
+    reloaded = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=dtype,
+                                                    device_map=device_map).eval()
+    rows, max_diff = [], 0.0
+    for conversation, (ref_logits, ref_tokens) in zip(checks, reference):
+        logits = _prompt_logits(reloaded, tokenizer, conversation)
+        diff = float((logits - ref_logits).abs().max())
+        tokens = _greedy(reloaded, tokenizer, conversation, max_new_tokens=max_new_tokens, stops=stops)
+        max_diff = max(max_diff, diff)
+        rows.append({"max_abs_logit_diff": diff, "tokens_equal": tokens == ref_tokens,
+                     "agreeing_prefix": _prefix_agreement(tokens, ref_tokens),
+                     "n_tokens": len(ref_tokens), "stopped_at_end_of_turn": bool(tokens) and tokens[-1] in stops,
+                     "answer": tokenizer.decode(tokens, skip_special_tokens=True).strip()})
+    if dtype == torch.float32 and max_diff > FP32_MAX_LOGIT_DIFF:
+        raise ExportError(f"the merged model's logits differ from base + adapter by {max_diff:.2e} "
+                          f"(> {FP32_MAX_LOGIT_DIFF:g} in fp32): the merge is wrong")
+    return {
+        "dtype": dtype_name,
+        "eos_token_id": stops,
+        "eos_tokens": tokenizer.convert_ids_to_tokens(stops),
+        "check": {"compared_with": "unquantised base + adapter (PEFT)",
+                  "prompts": len(rows), "max_new_tokens": max_new_tokens,
+                  "max_abs_logit_diff": max_diff,
+                  "greedy_tokens_equal": all(r["tokens_equal"] for r in rows), "rows": rows},
+    }
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF
+
+
+def permute_qk(weights, n_head: int, n_head_kv: int | None = None):
+    """llama.cpp's LlamaModel.permute (convert_hf_to_gguf.py), exactly: HF stores each head's
+    rotary dimensions as two halves, llama.cpp's rope kernel wants them interleaved in pairs."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(weights.shape))
+
+
+def builtin_tokenizer_pre(label: str) -> str | None:
+    """The `tokenizer.ggml.pre` of the GGUF the offline default was materialised from."""
+    from stages.lib.modeling import BUILTIN_MODELS, find_builtin_gguf
+
+    if label not in BUILTIN_MODELS:
+        return None
+    path = str(find_builtin_gguf(BUILTIN_MODELS[label]))
+    try:  # transformers' metadata reader skips the big token arrays: 0.05 s instead of 6 s
+        from transformers.integrations.gguf.reader import read_gguf_metadata
+
+        return read_gguf_metadata(path, ())[0].get("tokenizer.ggml.pre")
+    except ImportError:
+        import gguf
+
+        field = gguf.GGUFReader(path).fields.get("tokenizer.ggml.pre")
+        return field.contents() if field is not None else None
+
+
+def _check_llama(config) -> None:
+    problems = []
+    if config.model_type != "llama":
+        problems.append(f"architecture {config.model_type!r} (only Llama-architecture models are supported)")
+    # transformers 5 keeps rope settings in rope_parameters (rope_scaling is an alias of it).
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        problems.append(f"rope scaling {rope_type!r} (only plain RoPE is supported)")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        problems.append("attention/MLP biases")
+    if problems:
+        raise ExportError("GGUF export: unsupported " + "; ".join(problems) + ". Set export.gguf: null "
+                          "and convert models/merged with llama.cpp's convert_hf_to_gguf.py")
+
+
+def _vocab(tokenizer, vocab_size: int):
+    """Tokens and token types as llama.cpp's convert_hf_to_gguf.py get_vocab_base writes them."""
+    import gguf
+
+    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.get_added_vocab()
+    decoder = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif reverse[i] in added:
+            tokens.append(reverse[i])
+            types.append(gguf.TokenType.CONTROL if decoder[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(reverse[i])
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def write_gguf(model_dir: Path, out_path: Path, gguf_type: str, *, tokenizer_pre: str | None,
+               name: str) -> dict:
+    """Write the transformers model in `model_dir` (a Llama) as one GGUF file of `gguf_type`."""
+    import gguf
+    import numpy as np
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    if gguf_type not in GGUF_TYPES:
+        raise ExportError(f"export.gguf: {gguf_type!r} is not supported; use one of {sorted(GGUF_TYPES)}")
+    config = AutoConfig.from_pretrained(str(model_dir))
+    _check_llama(config)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    qtype = gguf.GGMLQuantizationType[GGUF_TYPES[gguf_type][0]]
+    n_head, n_kv = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    rope = getattr(config, "rope_parameters", None) or {}
+    eos = end_of_turn_ids(tokenizer)
+
+    writer = gguf.GGUFWriter(str(out_path), "llama")
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_file_type(gguf.LlamaFileType[GGUF_TYPES[gguf_type][1]])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim * n_head != config.hidden_size:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+
+    tokens, types = _vocab(tokenizer, config.vocab_size)
+    writer.add_tokenizer_model("gpt2")  # byte-level BPE; SentencePiece vocabularies are refused below
+    # llama.cpp chooses its pre-tokeniser regex from this name; "default" is its GPT-2 regex.
+    writer.add_tokenizer_pre(tokenizer_pre or "default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    merges = gguf.SpecialVocab(model_dir, load_merges=True, special_token_types=()).merges
+    if not merges:
+        raise ExportError("GGUF export: the tokenizer has no BPE merges (a SentencePiece vocabulary?); "
+                          "convert models/merged with llama.cpp's convert_hf_to_gguf.py instead")
+    writer.add_token_merges(merges)
+    for setter, value in ((writer.add_bos_token_id, tokenizer.bos_token_id),
+                          (writer.add_eos_token_id, tokenizer.eos_token_id),
+                          (writer.add_unk_token_id, tokenizer.unk_token_id),
+                          (writer.add_pad_token_id, tokenizer.pad_token_id)):
+        if value is not None:
+            setter(value)
+    turn_end = [i for i in eos if i != tokenizer.eos_token_id]
+    if turn_end:
+        writer.add_eot_token_id(turn_end[0])
+    # Whether the tokenizer itself adds bos/eos, measured rather than read from a config key.
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x")["input_ids"]
+    writer.add_add_bos_token(len(full) > len(plain) and full[0] == tokenizer.bos_token_id)
+    writer.add_add_eos_token(len(full) > len(plain) and full[-1] == tokenizer.eos_token_id)
+    writer.add_chat_template(tokenizer.chat_template)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    counts: dict[str, int] = {}
+    files = sorted(model_dir.glob("*.safetensors"))
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                if key == "lm_head.weight" and config.tie_word_embeddings:
+                    continue  # llama.cpp reuses token_embd when there is no output tensor
+                new_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+                if new_name is None:
+                    raise ExportError(f"GGUF export: no llama.cpp name for tensor {key!r}")
+                data = handle.get_tensor(key).float().numpy()
+                if key.endswith("q_proj.weight"):
+                    data = permute_qk(data, n_head, n_head)
+                elif key.endswith("k_proj.weight"):
+                    data = permute_qk(data, n_head, n_kv)
+                # As llama.cpp: norms and other 1-D tensors stay f32; a row that is not a whole
+                # number of q8_0 blocks (32 values) falls back to f16.
+                tensor_type = qtype
+                if data.ndim <= 1 or new_name.endswith("_norm.weight"):
+                    tensor_type = gguf.GGMLQuantizationType.F32
+                try:
+                    data = gguf.quants.quantize(data, tensor_type)
+                except gguf.quants.QuantError:
+                    tensor_type = gguf.GGMLQuantizationType.F16
+                    data = gguf.quants.quantize(data, tensor_type)
+                writer.add_tensor(new_name, np.ascontiguousarray(data), raw_dtype=tensor_type)
+                counts[tensor_type.name] = counts.get(tensor_type.name, 0) + 1
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return {"type": gguf_type, "tensor_types": counts, "tokenizer_pre": tokenizer_pre or "default",
+            "eos_token_id": tokenizer.eos_token_id, "eot_token_id": turn_end[0] if turn_end else None}
+
+
+def default_system_prompt(tokenizer) -> str | None:
+    """The system prompt a ChatML template inserts when none is given (SmolLM2 has one)."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    start = "<|im_start|>system\n"
+    if text.startswith(start) and "<|im_end|>" in text:
+        return text[len(start):text.index("<|im_end|>")]
+    return None
+
+
+# Ollama's Go template for ChatML. A system message (the SYSTEM line's default, or the user's)
+# arrives in .Messages like any other, so one loop renders what the HF template renders.
+OLLAMA_CHATML = '''TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}
+{{ .Content }}<|im_end|>
+{{ end }}<|im_start|>assistant
+"""'''
+
+
+def modelfile_text(gguf_name: str, tokenizer) -> str:
+    """An Ollama Modelfile: the GGUF, the chat template and the stop tokens."""
+    lines = ["# Ollama: ollama create my-model -f Modelfile && ollama run my-model",
+             f"FROM ./{gguf_name}"]
+    template = tokenizer.chat_template or ""
+    stops = tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer))
+    if "<|im_start|>" in template:
+        lines.append(OLLAMA_CHATML)
+        system = default_system_prompt(tokenizer)
+        if system:
+            # The template adds this system prompt when none is given; so does the fine-tuning data.
+            lines.append(f'SYSTEM """{system}"""')
+        stops = [*stops, "<|im_start|>"]
+    else:
+        lines.append("# No TEMPLATE: Ollama takes the chat template from the GGUF metadata.")
+    for stop in dict.fromkeys(stops):
+        lines.append(f'PARAMETER stop "{stop}"')
+    lines.append("PARAMETER temperature 0")
+    return "\n".join(lines) + "\n"
+
+
+def export_gguf(merged_dir: Path, gguf_dir: Path, gguf_type: str, *, label: str) -> dict:
+    """Write gguf_dir/model-<type>.gguf and gguf_dir/Modelfile (atomically, as one folder)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
+    file_name = f"model-{gguf_type}.gguf"
+    with atomic_dir(gguf_dir) as tmp:
+        info = write_gguf(merged_dir, tmp / file_name, gguf_type, tokenizer_pre=builtin_tokenizer_pre(label),
+                          name=f"{label}-merged")
+        write_text(tmp / "Modelfile", modelfile_text(file_name, tokenizer))
+        os.chmod(tmp / file_name, 0o666 & ~_umask())
+    info["file"] = str(gguf_dir / file_name)
+    return info
+
+
+def compare_greedy(reference, other, tokenizer, conversation, *, max_new_tokens: int,
+                   stops: list[int]) -> dict:
+    """How closely `other` follows `reference` on one prompt.
+
+    Free-running greedy tokens diverge for good at the first near-tie a quantisation flips, so
+    the rows also give teacher-forced agreement: `other`'s top-1 at each position of the
+    reference's own continuation. That, and the logits over prompt + continuation, measure the
+    quantisation error without the cascade.
+    """
+    import torch
+
+    want = _greedy(reference, tokenizer, conversation, max_new_tokens=max_new_tokens, stops=stops)
+    got = _greedy(other, tokenizer, conversation, max_new_tokens=max_new_tokens, stops=stops)
+    prompt = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)["input_ids"]
+    ids = torch.cat([prompt, torch.tensor([want], dtype=prompt.dtype)], dim=1)
+    with torch.inference_mode():
+        a = reference(input_ids=ids.to(reference.device)).logits[0].float().cpu()
+        b = other(input_ids=ids.to(other.device)).logits[0].float().cpu()
+    n = prompt.shape[1]
+    # Position n-1 predicts the first new token; the last position predicts past the answer.
+    forced = b[n - 1:-1].argmax(-1).tolist() if want else []
+    agree = sum(x == y for x, y in zip(forced, want))
+    return {"tokens_equal": got == want, "agreeing_prefix": _prefix_agreement(got, want),
+            "n_tokens": len(want), "teacher_forced_agreement": agree / len(want) if want else 1.0,
+            "max_abs_logit_diff": float((a - b).abs().max())}
+
+
+def check_gguf(merged_dir: Path, gguf_path: Path, checks: list[list[dict]], *, max_new_tokens: int) -> dict:
+    """Reload the GGUF with transformers' GGUF loader (which un-permutes Q/K) and compare it
+    with the merged model: tokenizer ids, greedy tokens, teacher-forced top-1, logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
+    from_gguf = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                     dtype=torch.float32).eval()
+    gguf_tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    stops = stop_ids(merged, tokenizer)
+    rows = []
+    for conversation in checks:
+        row = compare_greedy(merged, from_gguf, tokenizer, conversation, max_new_tokens=max_new_tokens,
+                             stops=stops)
+        ids = [t.apply_chat_template(conversation, add_generation_prompt=True, return_dict=True)["input_ids"]
+               for t in (tokenizer, gguf_tokenizer)]
+        row["tokenizer_equal"] = list(ids[0]) == list(ids[1])
+        rows.append(row)
+    return {"compared_with": "merged model (fp32); GGUF reloaded with transformers' GGUF loader",
+            "greedy_tokens_equal": all(r["tokens_equal"] for r in rows),
+            "tokenizer_equal": all(r["tokenizer_equal"] for r in rows),
+            "teacher_forced_agreement": min((r["teacher_forced_agreement"] for r in rows), default=1.0),
+            "max_abs_logit_diff": max((r["max_abs_logit_diff"] for r in rows), default=0.0), "rows": rows}
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+DISABLED_TEXT = """# {what}: export disabled
+
+`export.enabled` is false in params.yaml, so the `export` stage wrote this note instead of {what}
+(DVC needs its outputs to exist). Set `export.enabled: true` and run `dvc repro export`.
+"""
+NO_GGUF_TEXT = """# No GGUF file
+
+`export.gguf` is null in params.yaml. Set it to one of f32, f16, bf16, q8_0 and run
+`dvc repro export` to get models/gguf/model-<type>.gguf and an Ollama Modelfile here.
+"""
+
+
+def write_disabled(merged_dir: Path, gguf_dir: Path) -> dict:
+    for folder, what in ((merged_dir, "models/merged"), (gguf_dir, "models/gguf")):
+        with atomic_dir(folder) as tmp:
+            write_text(tmp / "README.md", DISABLED_TEXT.format(what=what))
+    return {"enabled": False}
+
+
+def run_export(params, *, adapter_dir: Path, merged_dir: Path, gguf_dir: Path,
+               checks: list[list[dict]]) -> dict:
+    """The whole stage: merge, write models/merged, optionally the GGUF; return the report."""
+    from stages.lib.modeling import resolve_base_model
+
+    settings = params.export
+    if not settings.enabled:
+        return write_disabled(merged_dir, gguf_dir)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise ExportError(f"{adapter_dir}/adapter_config.json not found: run the train stage first")
+    checks = checks[: settings.check_prompts] or [FALLBACK_CHECK_PROMPT]
+    resolved = resolve_base_model(params.model)
+    print(f"export: merging {adapter_dir} into {resolved.label}", file=sys.stderr)
+    report = {"enabled": True, "base": resolved.label,
+              "merged": {"path": str(merged_dir)},
+              "note": "merged into the unquantised base; the adapter was trained on the nf4 base, "
+                      "so the merged model is close to, not bit-identical with, what evaluate measured"}
+    report["merged"].update(merge_adapter(resolved, adapter_dir, merged_dir, checks=checks,
+                                          max_new_tokens=settings.check_max_new_tokens))
+    report["merged"]["bytes"] = _size(merged_dir)
+    if settings.gguf is None:
+        with atomic_dir(gguf_dir) as tmp:
+            write_text(tmp / "README.md", NO_GGUF_TEXT)
+        report["gguf"] = None
+        return report
+    print(f"export: writing {gguf_dir}/model-{settings.gguf}.gguf", file=sys.stderr)
+    info = export_gguf(merged_dir, gguf_dir, settings.gguf, label=resolved.label)
+    info["bytes"] = _size(Path(info["file"]))
+    info["check"] = check_gguf(merged_dir, Path(info["file"]), checks,
+                               max_new_tokens=settings.check_max_new_tokens)
+    report["gguf"] = info
+    return report
