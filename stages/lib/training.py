@@ -69,6 +69,14 @@ def build_dataset(records: list[dict], tokenizer, max_length: int):
     return Dataset.from_dict(columns), dropped
 
 
+# Packed tokens per micro-batch for the CUDA profiles when train.tokens_per_batch is null, chosen by
+# measurement on an H200 with a Llama-3-8B-shaped nf4 model (bench/NOTES.md), and lowered by
+# `fit_token_budget` to what the card's free memory holds.
+THROUGHPUT_TOKENS = 16384
+LOW_MEMORY_TOKENS = 6144
+PACKED_ATTENTION = "packed_varlen"  # registered by `register_packed_attention`
+
+
 @dataclass(frozen=True)
 class TrainingPlan:
     device: str                 # "cuda" or "cpu"
@@ -79,10 +87,24 @@ class TrainingPlan:
     liger: bool
     per_device_batch_size: int
     grad_accum: int
+    profile: str = "cpu"        # the resolved train.profile
+    # Packed tokens per micro-batch: every micro-batch is one padding-free row of whole examples,
+    # at most this long. None: batches of `per_device_batch_size` examples (bins of max_length).
+    tokens_per_batch: int | None = None
+    # Attention implementation set on the model; None keeps the model's default (sdpa).
+    attention: str | None = None
 
 
-def plan_training(train, cuda: bool, bf16_supported: bool = True, liger_available: bool = False) -> TrainingPlan:
-    """Resolve `train.profile` and the auto settings for this device (pure: no torch calls)."""
+def plan_training(train, cuda: bool, bf16_supported: bool = True, liger_available: bool = False,
+                  varlen_available: bool = False) -> TrainingPlan:
+    """Resolve `train.profile` and the auto settings for this device (pure: no torch calls).
+
+    throughput (the CUDA default): packed padding-free micro-batches of `tokens_per_batch` tokens
+    with per-example attention (varlen flash attention, no cross-example attention), no gradient
+    checkpointing, Liger kernels. low_memory: the same with gradient checkpointing and a smaller
+    token budget, for 16-24 GB cards. cpu: plain padded batches of `batch_size` examples; the
+    GPU-only switches turn themselves off without CUDA.
+    """
     profile = train.profile
     if profile == "auto":
         profile = "throughput" if cuda else "cpu"
@@ -93,14 +115,158 @@ def plan_training(train, cuda: bool, bf16_supported: bool = True, liger_availabl
     else:
         dtype = "fp32"  # nf4 with bf16 compute on CPU diverged (DESIGN.md)
     on_gpu_profile = cuda and profile in ("throughput", "low_memory")
-    packing = train.packing if train.packing is not None else on_gpu_profile
+    packing = bool(train.packing if train.packing is not None else on_gpu_profile)
     checkpointing = (train.gradient_checkpointing if train.gradient_checkpointing is not None
                      else profile == "low_memory")
+    batch_size, tokens = train.batch_size, train.tokens_per_batch
+    if packing and on_gpu_profile and tokens is None:
+        tokens = LOW_MEMORY_TOKENS if profile == "low_memory" else THROUGHPUT_TOKENS
+    if packing and tokens is not None:
+        tokens = max(tokens, train.max_length)  # a whole example always fits in a micro-batch
+        batch_size = 1                          # one packed row per micro-batch
+    else:
+        tokens = None
     return TrainingPlan(
         device="cuda" if cuda else "cpu", compute_dtype=dtype, quantize=train.quantization == "nf4",
-        packing=bool(packing), gradient_checkpointing=bool(checkpointing),
+        packing=packing, gradient_checkpointing=bool(checkpointing),
         liger=bool(cuda and liger_available and profile != "cpu"),
-        per_device_batch_size=train.batch_size, grad_accum=train.grad_accum)
+        per_device_batch_size=batch_size, grad_accum=train.grad_accum, profile=profile,
+        tokens_per_batch=tokens,
+        attention=PACKED_ATTENTION if (packing and cuda and varlen_available) else None)
+
+
+def activation_bytes_per_token(config, checkpointing: bool, lora_dropout: float) -> int:
+    """Bytes of saved activations per packed token in training a decoder with LoRA on all linear
+    layers (bf16, Liger kernels): counted from the tensors autograd keeps per layer and calibrated
+    against measured peaks (bench/NOTES.md). With checkpointing only each layer's input is kept,
+    plus one layer's worth while it is recomputed."""
+    hidden = config.hidden_size
+    inter = getattr(config, "intermediate_size", None) or 4 * hidden
+    layers = config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    kv = head_dim * (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    # Bytes per layer and token, calibrated on Llama-3-8B shapes (H200, 2026-11-28): 6.4 MiB per
+    # token measured at 8-16k tokens, 4.2 MiB without LoRA dropout (which keeps each adapter's
+    # dropped-out input and its mask), 0.47 MiB with checkpointing.
+    per_layer = (26 * hidden + 4 * kv + 7 * inter) if lora_dropout > 0 else (16 * hidden + 4 * kv + 5 * inter)
+    if checkpointing:
+        return layers * 2 * hidden + per_layer
+    return layers * per_layer
+
+
+def fit_token_budget(plan: TrainingPlan, config, free_bytes: int, lora_dropout: float,
+                     headroom: float = 0.85) -> TrainingPlan:
+    """Lower `plan.tokens_per_batch` (never raise it) to what `free_bytes` of GPU memory holds."""
+    from dataclasses import replace
+
+    if plan.tokens_per_batch is None:
+        return plan
+    per_token = activation_bytes_per_token(config, plan.gradient_checkpointing, lora_dropout)
+    fits = int(free_bytes * headroom) // max(per_token, 1) // 1024 * 1024
+    if fits >= plan.tokens_per_batch:
+        return plan
+    print(f"train: {plan.tokens_per_batch} tokens per micro-batch would not fit in "
+          f"{free_bytes / 2**30:.1f} GiB free; using {max(fits, 1024)}", file=sys.stderr)
+    return replace(plan, tokens_per_batch=max(fits, 1024))
+
+
+_VARLEN = None  # (varlen_attn, keyword arguments) once probed
+
+
+def _varlen_kernel():
+    """torch's varlen flash attention (torch >= 2.9), with the keywords this torch version spells
+    causality and grouped-query attention with; None where it is missing."""
+    global _VARLEN
+    if _VARLEN is None:
+        import inspect
+
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            _VARLEN = (None, None)
+            return _VARLEN
+        params = inspect.signature(varlen_attn).parameters
+        if "is_causal" in params:
+            kwargs = {"is_causal": True}
+        elif "window_size" in params:
+            kwargs = {"window_size": (-1, 0)}
+        else:
+            _VARLEN = (None, None)
+            return _VARLEN
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True  # older versions take grouped k/v heads as they are (FA2 does)
+        _VARLEN = (varlen_attn, kwargs)
+    return _VARLEN
+
+
+def varlen_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and _varlen_kernel()[0] is not None
+
+
+def _cu_seqlens_from_positions(position_ids):
+    import torch
+
+    starts = (position_ids[0] == 0).nonzero().flatten()
+    total = torch.tensor([position_ids.shape[1]], device=starts.device)
+    cu = torch.cat([starts, total]).to(torch.int32)
+    return cu, int(cu.diff().max())
+
+
+def packed_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Attention for transformers' AttentionInterface. A padding-free packed row (batch 1, no
+    attention mask, examples delimited by the `cu_seq_lens_q` that TRL's collator computes or by
+    restarting `position_ids`) goes to varlen flash attention: each example attends only to its
+    own earlier tokens, and no T x T mask is built. Without the CUDA kernel the same row gets an
+    explicit block-diagonal causal mask; any other batch goes to SDPA unchanged."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    position_ids = kwargs.get("position_ids")
+    packed = query.shape[0] == 1 and attention_mask is None and (cu is not None or position_ids is not None)
+    if not packed:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    if cu is None:
+        cu, max_len = _cu_seqlens_from_positions(position_ids)
+    cu = cu.to(device=query.device, dtype=torch.int32)
+    kernel, kernel_kwargs = _varlen_kernel()
+    if kernel is None or not query.is_cuda:
+        length = query.shape[2]
+        example = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=query.device), cu.diff().long())
+        causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
+        mask = (causal & (example[:, None] == example[None, :]))[None, None]
+        kwargs = {k: v for k, v in kwargs.items() if k != "is_causal"}
+        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
+                                      is_causal=False, **kwargs)
+    # [1, heads, T, head_dim] -> [T, heads, head_dim]
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    q, k, v = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v))
+    if max_len is None:
+        max_len = int(cu.diff().max())
+    out = kernel(q, k, v, cu, cu, int(max_len), int(max_len), scale=scaling, **kernel_kwargs)
+    return out.unsqueeze(0), None  # [1, T, heads, head_dim], as sdpa_attention_forward returns
+
+
+def _packed_attention_mask(*args, attention_mask=None, **kwargs):
+    # No mask for a padding-free row (the attention reads cu_seq_lens); a padded batch keeps SDPA's.
+    if attention_mask is None:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def register_packed_attention() -> str | None:
+    """Register `packed_varlen_attention` with transformers under PACKED_ATTENTION; return the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_varlen_attention)
+    AttentionMaskInterface.register(PACKED_ATTENTION, _packed_attention_mask)
+    return PACKED_ATTENTION
 
 
 def peak_memory_bytes(cuda: bool) -> int:
@@ -157,7 +323,7 @@ def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate"):
+    for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "liger_kernel"):
         try:
             found[name] = version(name)
         except PackageNotFoundError:
@@ -165,16 +331,94 @@ def _versions() -> dict:
     return found
 
 
-def run_training(params, *, train_path: Path, validation_path: Path, adapter_dir: Path,
-                 live_dir: Path, checkpoint_root: Path) -> dict:
-    """Train a LoRA adapter on the train split; write the adapter; return the report dict."""
-    import importlib.util
+def build_trainer(plan: TrainingPlan, train, *, model, tokenizer, train_dataset, eval_dataset=None,
+                  output_dir: str, callbacks=(), seed: int | None = None):
+    """The SFTTrainer for `plan`: LoRA config, SFTConfig and trainer, shared by the train stage and
+    bench/train_throughput.py (so the benchmark times exactly what the stage runs)."""
     import os
 
     import torch
     from peft import LoraConfig
-    from transformers import EarlyStoppingCallback, set_seed
     from trl import SFTConfig, SFTTrainer
+
+    cuda = plan.device == "cuda"
+    if plan.attention is not None:
+        if plan.attention == PACKED_ATTENTION:
+            register_packed_attention()
+        model.set_attn_implementation(plan.attention)
+    model.config.use_cache = False  # a KV cache during training is waste, and breaks packed attention
+    lora = LoraConfig(r=train.lora.r, lora_alpha=train.lora.alpha, lora_dropout=train.lora.dropout,
+                      target_modules=train.lora.target_modules, bias="none", task_type="CAUSAL_LM")
+    has_eval = eval_dataset is not None
+    seed = train.seed if seed is None else seed
+    # Packed: each micro-batch is one bin of at most tokens_per_batch tokens, filled best-fit-
+    # decreasing with whole examples (already truncated to train.max_length by build_dataset).
+    packed_length = plan.tokens_per_batch if plan.tokens_per_batch is not None else train.max_length
+    args = SFTConfig(
+        output_dir=output_dir, seed=seed, data_seed=seed,
+        num_train_epochs=train.epochs, max_steps=train.max_steps,
+        per_device_train_batch_size=plan.per_device_batch_size,
+        per_device_eval_batch_size=plan.per_device_batch_size,
+        gradient_accumulation_steps=plan.grad_accum,
+        learning_rate=train.learning_rate, lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio, weight_decay=train.weight_decay,
+        max_length=packed_length if plan.packing else train.max_length, packing=plan.packing,
+        packing_strategy="bfd", padding_free=plan.packing,
+        gradient_checkpointing=plan.gradient_checkpointing,
+        use_liger_kernel=plan.liger,
+        bf16=plan.compute_dtype == "bf16", fp16=plan.compute_dtype == "fp16",
+        use_cpu=not cuda,
+        logging_steps=train.logging_steps, logging_first_step=True,
+        save_strategy="steps", save_steps=train.save_steps, save_total_limit=train.save_total_limit,
+        eval_strategy="steps" if has_eval else "no", eval_steps=train.eval_steps,
+        load_best_model_at_end=bool(has_eval and train.early_stopping_patience),
+        metric_for_best_model="eval_loss" if has_eval else None, greater_is_better=False,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none", dataloader_num_workers=0,
+        ddp_find_unused_parameters=False if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=tokenizer, peft_config=lora, callbacks=list(callbacks))
+    if plan.compute_dtype == "fp32":
+        # TRL stores LoRA weights of a quantised model in bf16 (the QLoRA paper's GPU recipe); with
+        # fp32 compute on CPU keep them fp32, or small Adam updates round away.
+        for parameter in trainer.model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
+    return trainer
+
+
+def resolve_plan(train, model=None) -> TrainingPlan:
+    """plan_training for this machine; with a loaded model on CUDA, the token budget fitted to the
+    free GPU memory."""
+    import importlib.util
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    plan = plan_training(train, cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported(),
+                         liger_available=importlib.util.find_spec("liger_kernel") is not None,
+                         varlen_available=cuda and varlen_available())
+    if cuda and model is not None:
+        free, _total = torch.cuda.mem_get_info()
+        plan = fit_token_budget(plan, model.config, free, train.lora.dropout)
+    return plan
+
+
+def run_training(params, *, train_path: Path, validation_path: Path, adapter_dir: Path,
+                 live_dir: Path, checkpoint_root: Path) -> dict:
+    """Train a LoRA adapter on the train split; write the adapter; return the report dict."""
+    import os
+
+    if (params.train.num_processes == 1 and "LOCAL_RANK" not in os.environ
+            and "CUDA_VISIBLE_DEVICES" not in os.environ):
+        # One process on a machine with several GPUs: Trainer would wrap the model in
+        # nn.DataParallel, which SFTTrainer refuses (seen on 2 x H200). Train on the first GPU;
+        # train.num_processes > 1 uses them all through `accelerate launch`. Set before CUDA starts.
+        os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+
+    import torch
+    from transformers import EarlyStoppingCallback, set_seed
 
     from stages.lib import checkpoints
     from stages.lib.io import atomic_dir, write_json
@@ -182,8 +426,7 @@ def run_training(params, *, train_path: Path, validation_path: Path, adapter_dir
 
     train = params.train
     cuda = torch.cuda.is_available()
-    plan = plan_training(train, cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported(),
-                         liger_available=importlib.util.find_spec("liger_kernel") is not None)
+    plan = resolve_plan(train)
     dtype = pick_compute_dtype(plan.compute_dtype, cuda)
     set_seed(train.seed)
 
@@ -214,44 +457,13 @@ def run_training(params, *, train_path: Path, validation_path: Path, adapter_dir
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     model = load_model(resolved, quantize=plan.quantize, compute_dtype=dtype,
                        device_map={"": local_rank} if cuda else None)
-    model.config.use_cache = False  # a KV cache during training is waste, and breaks packed attention
-    lora = LoraConfig(r=train.lora.r, lora_alpha=train.lora.alpha, lora_dropout=train.lora.dropout,
-                      target_modules=train.lora.target_modules, bias="none", task_type="CAUSAL_LM")
-    has_eval = eval_dataset is not None
-    args = SFTConfig(
-        output_dir=str(run_dir), seed=train.seed, data_seed=train.seed,
-        num_train_epochs=train.epochs, max_steps=train.max_steps,
-        per_device_train_batch_size=plan.per_device_batch_size,
-        per_device_eval_batch_size=plan.per_device_batch_size,
-        gradient_accumulation_steps=plan.grad_accum,
-        learning_rate=train.learning_rate, lr_scheduler_type=train.lr_scheduler,
-        warmup_steps=train.warmup_ratio, weight_decay=train.weight_decay,
-        max_length=train.max_length, packing=plan.packing,
-        packing_strategy="bfd", padding_free=plan.packing,
-        gradient_checkpointing=plan.gradient_checkpointing,
-        use_liger_kernel=plan.liger,
-        bf16=plan.compute_dtype == "bf16", fp16=plan.compute_dtype == "fp16",
-        use_cpu=not cuda,
-        logging_steps=train.logging_steps, logging_first_step=True,
-        save_strategy="steps", save_steps=train.save_steps, save_total_limit=train.save_total_limit,
-        eval_strategy="steps" if has_eval else "no", eval_steps=train.eval_steps,
-        load_best_model_at_end=bool(has_eval and train.early_stopping_patience),
-        metric_for_best_model="eval_loss" if has_eval else None, greater_is_better=False,
-        include_num_input_tokens_seen="non_padding",
-        report_to="none", dataloader_num_workers=0,
-        ddp_find_unused_parameters=False if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
-    )
+    if cuda:
+        plan = resolve_plan(train, model)  # the token budget, fitted to the memory left after loading
     callbacks = [checkpoints.make_seal_callback(), make_dvclive_callback(live_dir)]
-    if has_eval and train.early_stopping_patience:
+    if eval_dataset is not None and train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=tokenizer, peft_config=lora, callbacks=callbacks)
-    if dtype == torch.float32:
-        # TRL stores LoRA weights of a quantised model in bf16 (the QLoRA paper's GPU recipe); with
-        # fp32 compute on CPU keep them fp32, or small Adam updates round away.
-        for parameter in trainer.model.parameters():
-            if parameter.requires_grad:
-                parameter.data = parameter.data.float()
+    trainer = build_trainer(plan, train, model=model, tokenizer=tokenizer, train_dataset=train_dataset,
+                            eval_dataset=eval_dataset, output_dir=str(run_dir), callbacks=callbacks)
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()

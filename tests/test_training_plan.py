@@ -1,0 +1,122 @@
+"""plan_training's profile resolution (pure, no GPU), the token-budget fit, and the packed
+attention's CPU fallback keeping examples apart."""
+from types import SimpleNamespace
+
+import pytest
+
+from stages.lib.params import TrainParams
+from stages.lib.training import (LOW_MEMORY_TOKENS, PACKED_ATTENTION, THROUGHPUT_TOKENS, TrainingPlan,
+                                 activation_bytes_per_token, fit_token_budget, plan_training)
+
+
+def _train(**overrides):
+    return TrainParams().model_copy(update=overrides)
+
+
+def _plan(cuda, **overrides):
+    return plan_training(_train(**overrides), cuda, liger_available=True, varlen_available=True)
+
+
+def test_auto_on_cpu_is_the_cpu_profile_with_every_gpu_switch_off():
+    plan = _plan(False)
+    assert plan.profile == "cpu" and plan.device == "cpu" and plan.compute_dtype == "fp32"
+    assert not plan.packing and not plan.liger and not plan.gradient_checkpointing
+    assert plan.attention is None and plan.tokens_per_batch is None
+    assert plan.per_device_batch_size == TrainParams().batch_size
+
+
+@pytest.mark.parametrize("profile", ["throughput", "low_memory"])
+def test_gpu_profiles_turn_themselves_off_without_cuda(profile):
+    plan = _plan(False, profile=profile)
+    assert not plan.packing and not plan.liger and plan.attention is None and plan.tokens_per_batch is None
+    assert plan.compute_dtype == "fp32"
+
+
+def test_auto_on_cuda_is_the_throughput_profile():
+    plan = _plan(True)
+    assert plan.profile == "throughput" and plan.compute_dtype == "bf16"
+    assert plan.packing and plan.liger and not plan.gradient_checkpointing
+    assert plan.tokens_per_batch == THROUGHPUT_TOKENS and plan.per_device_batch_size == 1
+    assert plan.attention == PACKED_ATTENTION
+
+
+def test_low_memory_checkpoints_with_a_smaller_budget():
+    plan = _plan(True, profile="low_memory")
+    assert plan.gradient_checkpointing and plan.packing and plan.liger
+    assert plan.tokens_per_batch == LOW_MEMORY_TOKENS < THROUGHPUT_TOKENS
+
+
+def test_cpu_profile_on_cuda_is_plain_batches():
+    plan = _plan(True, profile="cpu")
+    assert not plan.packing and not plan.liger and plan.attention is None
+    assert plan.compute_dtype == "bf16"  # the dtype still follows the device
+
+
+def test_explicit_settings_win_over_the_profile():
+    plan = _plan(True, packing=False, gradient_checkpointing=True, compute_dtype="fp16")
+    assert not plan.packing and plan.gradient_checkpointing and plan.compute_dtype == "fp16"
+    assert plan.tokens_per_batch is None and plan.attention is None
+    assert _plan(True, tokens_per_batch=8192).tokens_per_batch == 8192
+
+
+def test_budget_never_below_one_whole_example():
+    plan = _plan(True, tokens_per_batch=100, max_length=512)
+    assert plan.tokens_per_batch == 512
+
+
+def test_no_varlen_kernel_keeps_sdpa_and_no_liger_package_no_liger():
+    plan = plan_training(_train(), True, liger_available=False, varlen_available=False)
+    assert plan.packing and plan.attention is None and not plan.liger
+
+
+def test_fp16_when_bf16_unsupported():
+    assert plan_training(_train(), True, bf16_supported=False).compute_dtype == "fp16"
+
+
+LLAMA_8B = SimpleNamespace(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=8, head_dim=128)
+
+
+def test_checkpointing_needs_far_less_memory_per_token():
+    full = activation_bytes_per_token(LLAMA_8B, checkpointing=False, lora_dropout=0.05)
+    ckpt = activation_bytes_per_token(LLAMA_8B, checkpointing=True, lora_dropout=0.05)
+    assert ckpt * 8 < full
+    assert activation_bytes_per_token(LLAMA_8B, False, 0.0) < full
+
+
+def test_fit_token_budget_only_lowers():
+    plan = _plan(True)
+    roomy = fit_token_budget(plan, LLAMA_8B, free_bytes=10**15, lora_dropout=0.05)
+    assert roomy.tokens_per_batch == plan.tokens_per_batch
+    tight = fit_token_budget(plan, LLAMA_8B, free_bytes=16 * 2**30, lora_dropout=0.05)
+    assert 1024 <= tight.tokens_per_batch < plan.tokens_per_batch and tight.tokens_per_batch % 1024 == 0
+    cpu = TrainingPlan("cpu", "fp32", True, False, False, False, 8, 1)
+    assert fit_token_budget(cpu, LLAMA_8B, 1, 0.05) is cpu
+
+
+def test_packed_attention_fallback_keeps_examples_apart():
+    """On CPU the registered attention builds a block-diagonal mask from restarting position_ids:
+    the logits of a packed row equal those of each example alone."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from stages.lib.training import register_packed_attention
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    model = transformers.LlamaForCausalLM(config).eval()
+    register_packed_attention()
+    model.set_attn_implementation(PACKED_ATTENTION)
+    lengths = [5, 9, 3]
+    ids = [torch.randint(0, 64, (n,)) for n in lengths]
+    packed_ids = torch.cat(ids)[None]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        packed = model(input_ids=packed_ids, position_ids=positions).logits[0]
+        alone = torch.cat([model(input_ids=i[None]).logits[0] for i in ids])
+        # The trap DESIGN.md measured: an all-ones mask makes SDPA attend across examples.
+        model.set_attn_implementation("sdpa")
+        leaky = model(input_ids=packed_ids, position_ids=positions,
+                      attention_mask=torch.ones_like(packed_ids)).logits[0]
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-4)
+    assert (leaky - alone).abs().max() > 1e-2  # the check can see attention across examples
