@@ -1,0 +1,116 @@
+"""Stage `dedup`: remove exact and near-duplicate records, keeping the first of each cluster.
+
+    python -m stages.dedup        (from the project root; reads params `dedup`)
+
+Two passes over data/clean/records.jsonl: the first builds a compact index (an exact key, a
+MinHash fingerprint and LSH band keys per record: a few hundred bytes, whatever the text length),
+the second copies kept records byte for byte to data/dedup/records.jsonl and writes one row per
+removed record to data/dedup/removed.jsonl. reports/dedup.json counts them and, when the clean
+report is there, checks the whole accounting: rows_in(clean) = kept + rejected + removed.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+CLEAN_RECORDS = Path("data/clean/records.jsonl")
+CLEAN_REPORT = Path("reports/clean.json")
+RECORDS = Path("data/dedup/records.jsonl")
+REMOVED = Path("data/dedup/removed.jsonl")
+REPORT = Path("reports/dedup.json")
+
+
+def main() -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from stages.lib import minhash
+    from stages.lib.io import OutputError, atomic_file, dumps_record, write_json
+    from stages.lib.params import ParamsError, load_params
+    from stages.lib.records import conversation_text
+
+    try:
+        params = load_params().dedup
+    except ParamsError as exc:
+        print(f"dedup: {exc}", file=sys.stderr)
+        return 1
+    hasher = minhash.MinHasher(params.num_perm, params.shingle_size, params.seed)
+    layout = minhash.optimal_bands(params.threshold, params.num_perm, *minhash.RECALL_WEIGHTS)
+    try:
+        rows = minhash.count_lines(CLEAN_RECORDS)   # sizes the index exactly
+    except FileNotFoundError:
+        rows = 0   # scan_records reports the missing file below
+    ids = minhash.GrowingArray(None, np.uint64, rows)   # 8 bytes per record, not a Python string
+    exact_keys = minhash.GrowingArray(None, np.uint64, rows)
+    fingerprints = minhash.GrowingArray(params.num_perm, np.uint16, rows if params.near else 1)
+    band_keys = minhash.GrowingArray(layout.bands, np.uint32, rows if params.near else 1)
+    try:
+        with tqdm(desc="dedup: index", unit=" rows", file=sys.stderr, disable=None, mininterval=1) as progress:
+            for _, _, records in minhash.scan_records(CLEAN_RECORDS):
+                ids.extend(minhash.ids_to_uint64([r["id"] for r in records]))
+                exact_keys.extend(np.array([minhash.text_key(conversation_text(r)) for r in records], dtype=np.uint64))
+                if params.near:
+                    signatures = hasher.signatures([minhash.similarity_text(r) for r in records])
+                    fingerprints.extend(minhash.fingerprint(signatures))
+                    band_keys.extend(minhash.band_keys(signatures, layout))
+                progress.update(len(records))
+    except minhash.RecordFileError as exc:
+        print(f"dedup: {exc}", file=sys.stderr)
+        return 1
+    ids = ids.array()
+    if len(ids) == 0:
+        print(f"dedup: {CLEAN_RECORDS} has no records", file=sys.stderr)
+        return 1
+
+    dups = minhash.find_duplicates(exact_keys.array(), fingerprints.array() if params.near else None,
+                                   band_keys.array() if params.near else None, params.threshold)
+    kinds = {minhash.EXACT: "exact", minhash.NEAR: "near"}
+    try:
+        with atomic_file(RECORDS) as kept_out, atomic_file(REMOVED) as removed_out:
+            row = 0
+            for _, lines, _ in minhash.scan_records(CLEAN_RECORDS, parse=False):
+                for line in lines:
+                    if dups.kind[row] == 0:
+                        kept_out.write(line.decode("utf-8").rstrip("\r\n") + "\n")
+                    else:
+                        record = json.loads(line)
+                        removed_out.write(dumps_record({
+                            "id": record["id"], "duplicate_of": minhash.uint64_to_id(ids[dups.duplicate_of[row]]),
+                            "kind": kinds[int(dups.kind[row])],
+                            "similarity": round(float(dups.similarity[row]), 4), "source": record["source"],
+                        }) + "\n")
+                    row += 1
+    except (OutputError, minhash.RecordFileError) as exc:
+        print(f"dedup: {exc}", file=sys.stderr)
+        return 1
+
+    removed_exact = int(np.sum(dups.kind == minhash.EXACT))
+    removed_near = int(np.sum(dups.kind == minhash.NEAR))
+    kept = len(ids) - removed_exact - removed_near
+    report = {
+        "rows_in": len(ids), "kept": kept, "removed_exact": removed_exact, "removed_near": removed_near,
+        "near": params.near, "threshold": params.threshold,
+        "lsh": {"bands": layout.bands, "rows": layout.rows, "candidate_pairs": dups.candidate_pairs},
+        **minhash.cluster_report(ids, dups),
+    }
+    if CLEAN_REPORT.exists():
+        # The whole pipeline's accounting so far, in one place.
+        clean = json.loads(CLEAN_REPORT.read_text(encoding="utf-8"))
+        if clean.get("kept") == len(ids):
+            report["accounting"] = {
+                "raw_rows": clean["rows_in"], "rejected": clean["rejected"],
+                "removed": removed_exact + removed_near, "kept": kept,
+                "ok": clean["rows_in"] == kept + clean["rejected"] + removed_exact + removed_near,
+            }
+    try:
+        write_json(REPORT, report)
+    except OutputError as exc:
+        print(f"dedup: {exc}", file=sys.stderr)
+        return 1
+    print(f"dedup: {len(ids)} rows in, {kept} kept, {removed_exact} exact and {removed_near} near duplicates removed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
