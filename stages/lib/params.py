@@ -70,8 +70,9 @@ class SplitParams(_Section):
     group_threshold: float = Field(default=0.5, gt=0, le=1)
     group_by: Optional[str] = None
     ngram: int = Field(default=13, gt=1)
-    # An n-gram in more than max(2, ngram_max_df * rows) records is boilerplate (a template, the
-    # JSON skeleton of every answer), not a copied example: it never counts as leakage.
+    # Text in more than this share of records is boilerplate (JSON keys and labels of every answer,
+    # a stock phrase), never leakage: such words are dropped before forming n-grams, such n-grams
+    # and answers are ignored. Rule and floors: stages/lib/audit.py.
     ngram_max_df: float = Field(default=0.01, gt=0, le=1)
     max_leakage: int = Field(default=0, ge=0)
     max_examples: int = Field(default=5, ge=0, description="example pairs kept per audit check")
