@@ -56,3 +56,9 @@ def test_load_params_errors(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(ParamsError, match="expected a mapping"):
         load_params(bad)
+
+
+def test_early_stopping_needs_a_checkpoint_at_every_evaluation():
+    with pytest.raises(ParamsError, match="save_steps .8. to be a multiple of train.eval_steps .20."):
+        validate_params({"train": {"early_stopping_patience": 2, "save_steps": 8, "eval_steps": 20}})
+    assert validate_params({"train": {"early_stopping_patience": 2, "save_steps": 20, "eval_steps": 10}})

@@ -128,6 +128,14 @@ class TrainParams(_Section):
     early_stopping_patience: Optional[int] = Field(default=None, gt=0)
     num_processes: int = Field(default=1, gt=0)
 
+    @model_validator(mode="after")
+    def _early_stopping_needs_aligned_saves(self):
+        # Early stopping restores the best checkpoint, so every evaluation must have one to restore.
+        if self.early_stopping_patience and self.save_steps % self.eval_steps:
+            raise ValueError(f"train.early_stopping_patience needs train.save_steps ({self.save_steps}) "
+                             f"to be a multiple of train.eval_steps ({self.eval_steps})")
+        return self
+
 
 class EvaluateParams(_Section):
     max_samples: int = Field(default=60, gt=0, description="test rows generated on, per model")
