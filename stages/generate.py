@@ -12,6 +12,7 @@ otherwise the base model + models/adapter exactly as evaluate loads them.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tuned (default): models/merged if exported, else base + adapter; "
                              "base: the base model alone; merged: models/merged only; "
                              "both: base then tuned, one after the other")
-    parser.add_argument("--system", help="a system message (default: the chat template's own)")
+    parser.add_argument("--system", help="a system message (default: the one the training data "
+                        "used, if its first row has one; else the chat template's own; '' for none)")
     parser.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N")
     parser.add_argument("--temperature", type=_temperature, default=0.0,
                         help="0 (default): greedy, as evaluate generates")
@@ -224,6 +226,23 @@ def _quiet() -> None:
     hf_logging.disable_progress_bar()
 
 
+TRAIN_SPLIT = Path("data/split/train.jsonl")
+
+
+def training_system_prompt(train_split: Path) -> str | None:
+    """The system message the model was fine-tuned with (the first training row's), so that a
+    plain `generate "..."` asks the tuned model the way it learned; None when there is none."""
+    try:
+        with open(train_split, encoding="utf-8") as handle:
+            first = json.loads(handle.readline() or "{}")
+    except (OSError, ValueError):
+        return None
+    messages = first.get("messages") or []
+    if messages and messages[0].get("role") == "system":
+        return messages[0].get("content")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from stages.lib.params import ParamsError, load_params
@@ -233,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as exc:
         print(exc, file=sys.stderr)
         return 1
+    if args.system is None:
+        args.system = training_system_prompt(TRAIN_SPLIT)
+        if args.system:
+            print(f"[system prompt of the training data: {args.system!r}; --system overrides]", file=sys.stderr)
     prompt = sys.stdin.read().strip() if args.prompt == "-" else args.prompt
     if args.prompt == "-" and not prompt and not args.interactive:
         print("generate: nothing on stdin to answer", file=sys.stderr)

@@ -418,3 +418,15 @@ def test_generate_command_answers_with_the_merged_model(exported):
     assert answer and "<|im_end|>" not in answer, result.stdout
     assert "Paris" in answer, answer
     assert "tuned (models/merged)" in result.stderr
+
+
+def test_generate_defaults_to_the_training_system_prompt(tmp_path):
+    from stages.generate import training_system_prompt
+
+    split = tmp_path / "train.jsonl"
+    assert training_system_prompt(split) is None  # no split yet
+    split.write_text(json.dumps({"messages": [{"role": "system", "content": "Reply in JSON."},
+                                              {"role": "user", "content": "hi"}]}) + "\n")
+    assert training_system_prompt(split) == "Reply in JSON."
+    split.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    assert training_system_prompt(split) is None
