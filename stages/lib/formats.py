@@ -290,11 +290,17 @@ def _json_array(stream: _JsonStream, name: str) -> Iterator[RawRow]:
         try:
             value = stream.value()
         except RowError as exc:
-            yield RawRow(name, line, None, RowError(exc.kind, f"{exc}; the rest of the file could not be read"),
-                         raw=stream.buffer[stream.pos:stream.pos + RAW_EXCERPT_CHARS])
+            yield _unreadable_rest(stream, name, line, exc)
             return
         expect_value = False
         yield _object_row(value, name, line)
+
+
+def _unreadable_rest(stream: _JsonStream, name: str, line: int, exc: RowError) -> RawRow:
+    """A parse error inside a multi-value .json file: the stream cannot resync, so the row that
+    failed is reported and, with it, that nothing after it could be read."""
+    return RawRow(name, line, None, RowError(exc.kind, f"{exc}; the rest of the file could not be read"),
+                  raw=stream.buffer[stream.pos:stream.pos + RAW_EXCERPT_CHARS])
 
 
 def _json_values(stream: _JsonStream, name: str) -> Iterator[RawRow]:
@@ -321,8 +327,7 @@ def _json_values(stream: _JsonStream, name: str) -> Iterator[RawRow]:
         try:
             value = stream.value()
         except RowError as exc:
-            yield RawRow(name, line, None, RowError(exc.kind, f"{exc}; the rest of the file could not be read"),
-                         raw=stream.buffer[stream.pos:stream.pos + RAW_EXCERPT_CHARS])
+            yield _unreadable_rest(stream, name, line, exc)
             return
         yield _object_row(value, name, line)
 
