@@ -289,7 +289,7 @@ def worker_project(rows, arms: list[str], steps: int, profile_steps: int, result
 
     from stages.lib.modeling import ResolvedModel, load_model
     from stages.lib.params import TrainParams
-    from stages.lib.training import build_trainer, plan_training, resolve_plan
+    from stages.lib.training import build_trainer, resolve_plan
 
     torch.cuda.synchronize()
     started = time.perf_counter()

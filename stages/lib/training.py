@@ -5,8 +5,6 @@ packing, gradient checkpointing, fused kernels) from the device and `train.profi
 """
 from __future__ import annotations
 
-import json
-import math
 import resource
 import sys
 import time
@@ -15,7 +13,6 @@ from pathlib import Path
 
 from stages.lib.io import read_jsonl
 
-IGNORE = 0  # mask value for tokens that do not contribute to the loss
 
 
 class TemplateError(ValueError):
@@ -337,7 +334,6 @@ def build_trainer(plan: TrainingPlan, train, *, model, tokenizer, train_dataset,
     bench/train_throughput.py (so the benchmark times exactly what the stage runs)."""
     import os
 
-    import torch
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
