@@ -201,7 +201,7 @@ def loop_main(kind: str, workdir: Path) -> None:
         exact, prints, keys = [], [], []
         for lo in range(0, len(records), 4096):
             batch = records[lo:lo + 4096]
-            exact.append(np.array([minhash.text_key(conversation_text(r)) for r in batch], dtype=np.uint64))
+            exact.append(minhash.text_keys([conversation_text(r) for r in batch]))
             signatures = hasher.signatures([similarity_text(r) for r in batch])
             prints.append(minhash.fingerprint(signatures))
             keys.append(minhash.band_keys(signatures, layout))

@@ -28,7 +28,7 @@ def main() -> int:
     from stages.lib import minhash
     from stages.lib.io import OutputError, atomic_file, dumps_record, write_json
     from stages.lib.params import ParamsError, load_params
-    from stages.lib.records import conversation_text
+    from stages.lib.parallel import ordered_map
 
     try:
         params = load_params().dedup
@@ -47,14 +47,15 @@ def main() -> int:
     band_keys = minhash.GrowingArray(layout.bands, np.uint32, rows if params.near else 1)
     try:
         with tqdm(desc="dedup: index", unit=" rows", file=sys.stderr, disable=None, mininterval=1) as progress:
-            for _, _, records in minhash.scan_records(CLEAN_RECORDS):
-                ids.extend(minhash.ids_to_uint64([r["id"] for r in records]))
-                exact_keys.extend(np.array([minhash.text_key(conversation_text(r)) for r in records], dtype=np.uint64))
+            # Batches are hashed in worker threads while this one parses the next batch's JSON.
+            for batch in ordered_map(lambda batch: minhash.dedup_index(batch[2], hasher, layout if params.near else None),
+                                     minhash.scan_records(CLEAN_RECORDS)):
+                ids.extend(batch.ids)
+                exact_keys.extend(batch.exact_keys)
                 if params.near:
-                    signatures = hasher.signatures([minhash.similarity_text(r) for r in records])
-                    fingerprints.extend(minhash.fingerprint(signatures))
-                    band_keys.extend(minhash.band_keys(signatures, layout))
-                progress.update(len(records))
+                    fingerprints.extend(batch.fingerprints)
+                    band_keys.extend(batch.band_keys)
+                progress.update(len(batch.ids))
     except minhash.RecordFileError as exc:
         print(f"dedup: {exc}", file=sys.stderr)
         return 1

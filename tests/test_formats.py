@@ -332,3 +332,12 @@ def test_kept_columns_are_json_safe():
 
     row = {"ticket": "T-1", "when": datetime.date(2024, 1, 2), "n": 3}
     assert kept_columns(row, ["ticket", "when", "missing"]) == {"ticket": "T-1", "when": "2024-01-02"}
+
+
+def test_fast_json_loads_keeps_big_integers_exact():
+    from stages.lib.formats import fast_json_loads
+
+    for text in ['{"n": 12345678901234567890123}', '{"n": -9223372036854775809}', '{"n": 1234567890123456789}']:
+        assert fast_json_loads(text) == json.loads(text)
+        assert fast_json_loads(text.encode()) == json.loads(text)
+        assert type(fast_json_loads(text)["n"]) is int

@@ -1,8 +1,12 @@
+import json
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from stages.lib.io import OutputError, atomic_dir, atomic_file, read_jsonl, resolve_data_path, write_json, write_jsonl
+from stages.lib.io import (OutputError, atomic_dir, atomic_file, dumps_record, read_jsonl, resolve_data_path, write_json,
+                           write_jsonl)
 
 
 def test_write_jsonl_is_deterministic_and_readable(tmp_path):
@@ -65,3 +69,23 @@ def test_data_paths_cannot_escape_the_project(tmp_path):
     with pytest.raises(ValueError, match="outside the project"):
         resolve_data_path("../../etc/passwd", tmp_path)
     assert str(resolve_data_path("/etc/hosts", tmp_path)) == "/etc/hosts"  # deliberate absolute path
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-2**63, max_value=2**64 - 1) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_JSON_VALUES)
+def test_dumps_record_is_json_dumps_byte_for_byte(value):
+    # orjson writes what json.dumps writes for everything a record holds except floats, including
+    # control characters, quotes, backslashes, U+2028 and non-ASCII text.
+    assert dumps_record(value) == json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def test_dumps_record_falls_back_to_json_for_what_orjson_refuses():
+    huge = {"n": 2**70, "s": "\ud800"}   # beyond 64 bits; a lone surrogate (json.loads makes them)
+    assert dumps_record(huge) == json.dumps(huge, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    assert json.loads(dumps_record({"x": 0.8125, "y": 1.0})) == {"x": 0.8125, "y": 1.0}

@@ -106,7 +106,7 @@ def _dedup(texts, threshold=0.7, near=True):
     hasher = minhash.MinHasher(128, 3, seed=1)
     signatures = hasher.signatures(texts)
     layout = minhash.optimal_bands(threshold, 128, *minhash.RECALL_WEIGHTS)
-    exact = np.array([minhash.text_key(t) for t in texts], dtype=np.uint64)
+    exact = minhash.text_keys(texts)
     return minhash.find_duplicates(exact, minhash.fingerprint(signatures) if near else None,
                                    minhash.band_keys(signatures, layout) if near else None, threshold)
 
@@ -177,3 +177,50 @@ def test_scan_records_reports_damage(tmp_path):
         list(minhash.scan_records(path))
     with pytest.raises(minhash.RecordFileError, match="not found"):
         list(minhash.scan_records(tmp_path / "none.jsonl"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet=st.sampled_from(list("aZ_9 .,\n\t-éßİ日本ǅ\u00a0\u2003ꭰ")), max_size=30), max_size=8))
+def test_hash_texts_is_hash_words_of_each_texts_words(texts):
+    # The batched tokeniser gives exactly the tokens of text.word_bytes, text by text.
+    hasher = minhash.WordHasher()
+    hashes, lengths = hasher.hash_texts(texts)
+    assert lengths.tolist() == [len(word_bytes(t)) for t in texts]
+    assert hashes.tolist() == hasher.hash_words([w for t in texts for w in word_bytes(t)]).tolist()
+
+
+def test_word_hashes_tell_words_apart():
+    words_ = [w.encode() for w in ["ab", "ba", "a", "aa", "a" * 300, "a" * 299 + "b", "ab" * 200, "ba" * 200]]
+    hashes = minhash.WordHasher().hash_words(words_)
+    assert len(set(hashes.tolist())) == len(words_)
+    vocabulary = [f"w{i}".encode() for i in range(200_000)]
+    assert len(set(minhash.WordHasher().hash_words(vocabulary).tolist())) == len(vocabulary)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(alphabet=st.sampled_from(list("aAb ,.\n\t\x1c\x0bßSİi̇ǅǆ\u00a0\u2003日")), max_size=12), min_size=2, max_size=6))
+def test_text_keys_are_equal_exactly_when_dedup_keys_are(texts):
+    from stages.lib.text import dedup_key
+
+    keys = minhash.text_keys(texts).tolist()
+    assert keys == [minhash.text_keys([t])[0] for t in texts]   # independent of the batch
+    for i in range(len(texts)):
+        for j in range(len(texts)):
+            assert (keys[i] == keys[j]) == (dedup_key(texts[i]) == dedup_key(texts[j])), (texts[i], texts[j])
+
+
+def test_text_keys_of_long_tokens():
+    a = "x" * 300 + "ab" + "y" * 300
+    b = "x" * 300 + "ba" + "y" * 300
+    c = "a" + "x" * 255 + "b" + "x" * 200
+    d = "b" + "x" * 255 + "a" + "x" * 200   # the same bytes at positions 256 apart, swapped
+    keys = minhash.text_keys([a, b, c, d, a.upper()]).tolist()
+    assert len(set(keys[:4])) == 4 and keys[4] == keys[0]
+
+
+def test_word_hashes_do_not_depend_on_where_the_buffer_is_cut(monkeypatch):
+    texts = _texts(300, seed=3, length=40)
+    whole = minhash.WordHasher().hash_texts(texts)
+    monkeypatch.setattr(minhash, "_CHUNK_BYTES", 1000)   # cut the batch's buffer every ~1000 bytes
+    cut = minhash.WordHasher().hash_texts(texts)
+    assert np.array_equal(whole[0], cut[0]) and np.array_equal(whole[1], cut[1])

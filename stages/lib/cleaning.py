@@ -19,16 +19,17 @@ def clean_messages(messages: list[dict], min_chars: int, max_chars: int,
                    require_assistant_last: bool) -> list[dict]:
     """Normalised messages, or RowError. An empty system prompt is dropped, not a rejection:
     it carries no information and the conversation is still usable."""
-    cleaned = []
+    cleaned, numbers = [], []   # numbers: each kept message's 1-based turn in the input row
     for number, message in enumerate(messages, 1):
         content = normalize_text(message["content"])
         if message["role"] == "system" and not content:
             continue
-        cleaned.append({"role": message["role"], "content": content, "_turn": number})
-    check_roles(cleaned, require_assistant_last)
+        cleaned.append({"role": message["role"], "content": content})
+        numbers.append(number)
+    check_roles(cleaned, numbers, require_assistant_last)
     total = 0
-    for message in cleaned:
-        number, role, content = message.pop("_turn"), message["role"], message["content"]
+    for number, message in zip(numbers, cleaned):
+        role, content = message["role"], message["content"]
         if not content:
             raise RowError("empty_turn", f"turn {number} ({role}) is empty or only whitespace")
         if role != "system" and len(content) < min_chars:
@@ -40,13 +41,14 @@ def clean_messages(messages: list[dict], min_chars: int, max_chars: int,
     return cleaned
 
 
-def check_roles(messages: list[dict], require_assistant_last: bool) -> None:
-    """An optional system turn first, then user and assistant turns alternating from a user turn."""
+def check_roles(messages: list[dict], numbers: list[int], require_assistant_last: bool) -> None:
+    """An optional system turn first, then user and assistant turns alternating from a user turn.
+    `numbers`: each message's turn number in the input row, for the reasons."""
     if not messages:
         raise RowError("no_turns", "conversation has no turns")
     expected = "user"
     for index, message in enumerate(messages):
-        number, role = message["_turn"], message["role"]
+        number, role = numbers[index], message["role"]
         if role == "system":
             if index == 0:
                 continue
@@ -55,7 +57,7 @@ def check_roles(messages: list[dict], require_assistant_last: bool) -> None:
             if index == 0 or messages[index - 1]["role"] == "system":
                 raise RowError("role_order", f"turn {number} is an assistant turn; a conversation must "
                                              "start with a user turn (after an optional system prompt)")
-            raise RowError("role_order", f"turns {messages[index - 1]['_turn']} and {number} are both {role} turns")
+            raise RowError("role_order", f"turns {numbers[index - 1]} and {number} are both {role} turns")
         expected = "assistant" if role == "user" else "user"
     roles = [m["role"] for m in messages]
     if "user" not in roles:
@@ -63,7 +65,7 @@ def check_roles(messages: list[dict], require_assistant_last: bool) -> None:
     if "assistant" not in roles:
         raise RowError("no_assistant", "conversation has no assistant turn")
     if require_assistant_last and roles[-1] != "assistant":
-        raise RowError("not_assistant_last", f"the last turn ({messages[-1]['_turn']}) is a {roles[-1]} turn; "
+        raise RowError("not_assistant_last", f"the last turn ({numbers[-1]}) is a {roles[-1]} turn; "
                                              "clean.require_assistant_last wants an assistant turn")
 
 

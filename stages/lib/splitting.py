@@ -27,7 +27,6 @@ from typing import Optional
 import numpy as np
 
 from stages.lib import minhash
-from stages.lib.text import word_bytes
 
 TRAIN, VALIDATION, TEST = 0, 1, 2
 SIDE_NAMES = ("train", "validation", "test")
@@ -48,6 +47,7 @@ def side_of(group_key: str, seed: int, test_fraction: float, validation_fraction
 
 
 ROLES = ("user", "assistant")
+_ROLE_NUMBER = {role: number for number, role in enumerate(ROLES)}
 
 
 class TokenStore:
@@ -115,10 +115,63 @@ class SplitIndex:
     tokens: Optional[TokenStore] = None
 
 
+@dataclass
+class _BatchFacts:
+    """What one batch of records contributes to a SplitIndex (computed in a worker thread)."""
+
+    ids: np.ndarray
+    offsets: np.ndarray
+    keys: dict                   # role -> uint64 sequence keys
+    fingerprints: np.ndarray
+    band_keys: Optional[np.ndarray]
+    role_hashes: dict            # role -> word hashes of that role's turns, record after record
+    role_lengths: dict           # role -> words per record
+    group_values: list
+
+
+def _batch_facts(batch, hasher: minhash.MinHasher, layout: Optional[minhash.Bands], group_by: Optional[str]) -> _BatchFacts:
+    batch_offsets, _, records = batch
+    batch_ids = minhash.ids_to_uint64([r["id"] for r in records])
+    # Tokenise every user/assistant turn once; similarity, keys and n-grams all reuse it.
+    contents, message_role, message_owner = [], [], []
+    for position, record in enumerate(records):
+        for message in record["messages"]:
+            role = _ROLE_NUMBER.get(message["role"])
+            if role is not None:
+                contents.append(message["content"])
+                message_role.append(role)
+                message_owner.append(position)
+    word_hashes, message_length = hasher.words.hash_texts(contents)
+    message_role, message_owner = np.array(message_role, dtype=np.int64), np.array(message_owner, dtype=np.int64)
+    record_length = np.bincount(message_owner, weights=message_length, minlength=len(records)).astype(np.int64)
+    signatures = hasher.signatures_from_word_hashes(word_hashes, record_length)
+    token_role = np.repeat(message_role, message_length)
+    keys, role_hashes, role_lengths = {}, {}, {}
+    for number, role in enumerate(ROLES):
+        mine = message_role == number
+        role_lengths[role] = np.bincount(message_owner[mine], weights=message_length[mine],
+                                         minlength=len(records)).astype(np.int64)
+        role_hashes[role] = word_hashes[token_role == number]
+        keys[role] = sequence_keys(role_hashes[role], role_lengths[role], batch_ids)
+    group_values = []
+    if group_by:
+        for r in records:
+            value = r.get("meta", {}).get(group_by)
+            group_values.append(None if value is None else json.dumps(value, sort_keys=True))
+    return _BatchFacts(batch_ids, np.array(batch_offsets, dtype=np.int64), keys, minhash.fingerprint(signatures),
+                       minhash.band_keys(signatures, layout) if layout is not None else None,
+                       role_hashes, role_lengths, group_values)
+
+
 def build_index(path, hasher: minhash.MinHasher, layout: Optional[minhash.Bands], group_by: Optional[str],
-                tokens: TokenStore, progress=None, observers=None, expected_rows: int = 1024) -> SplitIndex:
+                tokens: TokenStore, progress=None, observers=None, expected_rows: int = 1024,
+                workers: Optional[int] = None) -> SplitIndex:
     """One pass over a records file. Word hashes of each role go to `tokens` and to the
-    `observers` (per role, objects with `add(hashes, lengths)`, e.g. the audit's word counts)."""
+    `observers` (per role, objects with `add(hashes, lengths)`, e.g. the audit's word counts).
+    Batches are tokenised and hashed by `workers` threads (default: parallel.default_workers)
+    while this thread parses the next ones; results are taken in file order."""
+    from stages.lib.parallel import ordered_map
+
     rows = expected_rows
     ids = minhash.GrowingArray(None, np.uint64, rows)
     offsets = minhash.GrowingArray(None, np.int64, rows)
@@ -126,42 +179,21 @@ def build_index(path, hasher: minhash.MinHasher, layout: Optional[minhash.Bands]
     fingerprints = minhash.GrowingArray(hasher.num_perm, np.uint16, rows)
     band_keys = minhash.GrowingArray(layout.bands, np.uint32, rows) if layout else None
     group_values = []
-    for batch_offsets, _, records in minhash.scan_records(path):
-        batch_ids = minhash.ids_to_uint64([r["id"] for r in records])
-        ids.extend(batch_ids)
-        offsets.extend(np.array(batch_offsets, dtype=np.int64))
-        # Tokenise every user/assistant turn once; similarity, keys and n-grams all reuse it.
-        token_lists, message_role, message_owner = [], [], []
-        for position, record in enumerate(records):
-            for message in record["messages"]:
-                if message["role"] in ROLES:
-                    token_lists.append(word_bytes(message["content"]))
-                    message_role.append(ROLES.index(message["role"]))
-                    message_owner.append(position)
-        message_length = np.fromiter(map(len, token_lists), dtype=np.int64, count=len(token_lists))
-        message_role, message_owner = np.array(message_role, dtype=np.int64), np.array(message_owner, dtype=np.int64)
-        word_hashes = hasher.words.hash_words([t for tokens in token_lists for t in tokens])
-        record_length = np.bincount(message_owner, weights=message_length, minlength=len(records)).astype(np.int64)
-        signatures = hasher.signatures_from_word_hashes(word_hashes, record_length)
-        fingerprints.extend(minhash.fingerprint(signatures))
+    for facts in ordered_map(lambda batch: _batch_facts(batch, hasher, layout, group_by), minhash.scan_records(path),
+                             workers):
+        ids.extend(facts.ids)
+        offsets.extend(facts.offsets)
+        fingerprints.extend(facts.fingerprints)
         if band_keys is not None:
-            band_keys.extend(minhash.band_keys(signatures, layout))
-        token_role = np.repeat(message_role, message_length)
-        for number, role in enumerate(ROLES):
-            mine = message_role == number
-            lengths = np.bincount(message_owner[mine], weights=message_length[mine],
-                                  minlength=len(records)).astype(np.int64)
-            role_hashes = word_hashes[token_role == number]
-            keys[role].extend(sequence_keys(role_hashes, lengths, batch_ids))
-            tokens.append(role, role_hashes, lengths)
+            band_keys.extend(facts.band_keys)
+        for role in ROLES:
+            keys[role].extend(facts.keys[role])
+            tokens.append(role, facts.role_hashes[role], facts.role_lengths[role])
             if observers:
-                observers[role].add(role_hashes, lengths)
-        if group_by:
-            for r in records:
-                value = r.get("meta", {}).get(group_by)
-                group_values.append(None if value is None else json.dumps(value, sort_keys=True))
+                observers[role].add(facts.role_hashes[role], facts.role_lengths[role])
+        group_values.extend(facts.group_values)
         if progress is not None:
-            progress.update(len(records))
+            progress.update(len(facts.ids))
     tokens.close()
     return SplitIndex(ids.array(), offsets.array(), keys["user"].array(), keys["assistant"].array(),
                       fingerprints.array(), band_keys.array() if band_keys is not None else None,

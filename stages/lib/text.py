@@ -22,7 +22,7 @@ _CONTROL = re.compile(
 # Horizontal space other than tab: ASCII space, no-break space and the Unicode space separators.
 _SPACES = re.compile("[ \u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+")
 _SPACE_BEFORE_NEWLINE = re.compile("[ \t]+\n")
-_WORD = re.compile(r"\w+")
+WORD_PATTERN = _WORD = re.compile(r"\w+")   # what a word is (minhash.WordHasher too)
 
 
 _ASCII_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
