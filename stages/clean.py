@@ -19,9 +19,9 @@ REPORT = Path("reports/clean.json")
 def main() -> int:
     from tqdm import tqdm
 
-    from stages.lib.cleaning import CleanSummary, clean_file_rows
-    from stages.lib.formats import InputError, display_name, list_input_files, read_rows
-    from stages.lib.io import OutputError, atomic_file, dumps_record, resolve_data_path, write_json
+    from stages.lib.cleaning import CleanSummary, clean_file
+    from stages.lib.formats import InputError, display_name, list_input_files
+    from stages.lib.io import OutputError, atomic_file, resolve_data_path, write_json
     from stages.lib.params import ParamsError, load_params
 
     try:
@@ -39,9 +39,10 @@ def main() -> int:
             for path in files:
                 name = display_name(path, root)
                 summary.formats_by_file.setdefault(name, None)
-                for kept, row in clean_file_rows(read_rows(path, name), params.data, params.clean, summary):
-                    (kept_out if kept else rejected_out).write(dumps_record(row) + "\n")
-                    progress.update()
+                for kept, rejected in clean_file(path, name, params.data, params.clean, summary):
+                    kept_out.write(kept)
+                    rejected_out.write(rejected)
+                    progress.update(summary.rows_in - progress.n)
             if summary.rows_in == 0:
                 raise InputError(f"{params.data.raw}: no rows (the input is empty)")
     except (InputError, OutputError) as exc:

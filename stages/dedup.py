@@ -22,6 +22,8 @@ REPORT = Path("reports/dedup.json")
 
 
 def main() -> int:
+    import functools
+
     import numpy as np
     from tqdm import tqdm
 
@@ -47,9 +49,9 @@ def main() -> int:
     band_keys = minhash.GrowingArray(layout.bands, np.uint32, rows if params.near else 1)
     try:
         with tqdm(desc="dedup: index", unit=" rows", file=sys.stderr, disable=None, mininterval=1) as progress:
-            # Batches are hashed in worker threads while this one parses the next batch's JSON.
-            for batch in ordered_map(lambda batch: minhash.dedup_index(batch[2], hasher, layout if params.near else None),
-                                     minhash.scan_records(CLEAN_RECORDS)):
+            # Worker processes parse and hash batches; this one reads lines and gathers results.
+            index_batch = functools.partial(minhash.dedup_index, hasher=hasher, layout=layout if params.near else None)
+            for batch in ordered_map(index_batch, minhash.read_batches(CLEAN_RECORDS)):
                 ids.extend(batch.ids)
                 exact_keys.extend(batch.exact_keys)
                 if params.near:
@@ -68,17 +70,18 @@ def main() -> int:
                                    band_keys.array() if params.near else None, params.threshold)
     kinds = {minhash.EXACT: "exact", minhash.NEAR: "near"}
     try:
-        with atomic_file(RECORDS) as kept_out, atomic_file(REMOVED) as removed_out:
+        with atomic_file(RECORDS, "wb") as kept_out, atomic_file(REMOVED) as removed_out:
             row = 0
-            for _, lines, _ in minhash.scan_records(CLEAN_RECORDS, parse=False):
-                for line in lines:
-                    if dups.kind[row] == 0:
-                        kept_out.write(line.decode("utf-8").rstrip("\r\n") + "\n")
+            kind = dups.kind.tolist()
+            for batch in minhash.read_batches(CLEAN_RECORDS):
+                for line in batch.lines:
+                    if kind[row] == 0:
+                        kept_out.write(line.rstrip(b"\r\n") + b"\n")   # byte for byte (UTF-8 checked when parsed)
                     else:
                         record = json.loads(line)
                         removed_out.write(dumps_record({
                             "id": record["id"], "duplicate_of": minhash.uint64_to_id(ids[dups.duplicate_of[row]]),
-                            "kind": kinds[int(dups.kind[row])],
+                            "kind": kinds[kind[row]],
                             "similarity": round(float(dups.similarity[row]), 4), "source": record["source"],
                         }) + "\n")
                     row += 1

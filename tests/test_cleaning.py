@@ -132,3 +132,45 @@ def test_detection_waits_for_the_first_readable_row(tmp_path, monkeypatch):
     results, summary = _run_file(path)
     assert summary.rows_in == 252 and summary.kept == 2 and summary.rejected == 250
     assert summary.formats_by_file == {"late.jsonl": "prompt_completion"}
+
+
+def _serialised(path: Path, data: dict, **kwargs):
+    """(records bytes, rejections bytes, summary) of clean_file, and the same row by row."""
+    from stages.lib.cleaning import clean_file
+    from stages.lib.io import dumps_record
+
+    params = Params(data=data)
+    batched, batched_summary = [], CleanSummary()
+    for kept, rejected in clean_file(path, path.name, params.data, params.clean, batched_summary, **kwargs):
+        batched.append((kept, rejected))
+    row_summary = CleanSummary()
+    rows = list(clean_file_rows(read_rows(path, path.name), params.data, params.clean, row_summary))
+    expected = ("".join(dumps_record(r) + "\n" for ok, r in rows if ok),
+                "".join(dumps_record(r) + "\n" for ok, r in rows if not ok))
+    got = ("".join(k for k, _ in batched), "".join(r for _, r in batched))
+    return got, expected, batched_summary, row_summary
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in BAD.iterdir() if p.is_file()))
+@pytest.mark.parametrize("workers", [1, 2])
+def test_batched_cleaning_in_worker_processes_writes_what_row_by_row_cleaning_writes(name, workers):
+    # Small batches so that every file is cut into several, handed to worker processes.
+    data = {"fields": {"prompt": "question", "response": "answer"}, "keep_columns": ["topic"]} if name.endswith(".csv") else {}
+    try:
+        got, expected, batched, row_by_row = _serialised(BAD / name, data, batch_rows=2, workers=workers)
+    except InputError as exc:   # a file whose format cannot be detected: the same error both ways
+        with pytest.raises(InputError, match=str(exc)[:40]):
+            list(clean_file_rows(read_rows(BAD / name, name), Params(data=data).data, Params().clean, CleanSummary()))
+        return
+    assert got == expected
+    for field in ("rows_in", "kept", "rejected", "blank_lines", "rejected_by_reason", "formats_by_file"):
+        assert getattr(batched, field) == getattr(row_by_row, field), field
+
+
+def test_batched_cleaning_finds_the_format_after_a_long_unreadable_start(tmp_path):
+    # No row of the read-ahead parses: the format comes from the first readable row, as row by row.
+    path = tmp_path / "late.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi!"}]})
+    path.write_text("{broken\n" * 10_050 + good + "\n" + good.replace("hello", "again") + "\n")
+    got, expected, batched, row_by_row = _serialised(path, {}, batch_rows=4096, workers=2)
+    assert got == expected and batched.kept == row_by_row.kept == 2 and batched.rejected == 10_050

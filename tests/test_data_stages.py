@@ -53,8 +53,8 @@ def _project(tmp_path: Path, raw_name: str = "tiny.jsonl", lines: list[str] | No
     return project
 
 
-def _stage(project: Path, name: str) -> subprocess.CompletedProcess:
-    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+def _stage(project: Path, name: str, **env_updates: str) -> subprocess.CompletedProcess:
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", **env_updates}
     return subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=project, env=env,
                           capture_output=True, text=True, timeout=120)
 
@@ -99,6 +99,19 @@ def test_three_stages_account_for_every_row_and_rerun_byte_identically(tmp_path)
     first = {path: (project / path).read_bytes() for path in OUTPUTS}
     _ok(project, "clean", "dedup", "split")
     assert {path: (project / path).read_bytes() for path in OUTPUTS} == first
+
+
+def test_worker_processes_change_nothing_in_the_outputs(tmp_path):
+    # 9k rows: several batches in each stage, so the worker processes really share the work.
+    project = _project(tmp_path, lines=_rows(9000), split__max_leakage=10**6)
+    outputs = {}
+    for workers in ("1", "2"):
+        for name in ("clean", "dedup", "split"):
+            result = _stage(project, name, QLORA_DVC_WORKERS=workers)
+            assert result.returncode == 0, f"{name}: {result.stderr}"
+        outputs[workers] = {path: (project / path).read_bytes() for path in OUTPUTS}
+    assert outputs["1"] == outputs["2"]
+    assert _report(project, "clean")["rows_in"] == 9004
 
 
 def test_other_column_names_through_a_params_edit(tmp_path):

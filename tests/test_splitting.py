@@ -183,3 +183,13 @@ def test_token_store_round_trip(tmp_path):
     store.close()
     batches = list(store.batches("user", batch=3))
     assert [(lo, h.tolist(), n.tolist()) for lo, h, n in batches] == [(0, [1, 2, 3], [2, 0, 1]), (3, [4], [1])]
+
+
+def test_assign_sides_is_side_of_for_every_group():
+    rng = np.random.default_rng(7)
+    keys = np.concatenate([rng.integers(0, 2**64, size=20000, dtype=np.uint64),
+                           np.array([0, 1, 2**64 - 1, 2**63], dtype=np.uint64)])
+    for seed, test, validation in [(42, 0.1, 0.03), (0, 0.5, 0.0), (7, 0.0, 0.2)]:
+        sides = splitting.assign_sides(keys, seed, test, validation)
+        expected = [splitting.side_of(minhash.uint64_to_id(k), seed, test, validation) for k in keys.tolist()]
+        assert sides.tolist() == expected

@@ -40,7 +40,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from stages.lib import minhash
-from stages.lib.splitting import ROLES, TEST, SplitIndex, all_pairs_above, select_texts
+from stages.lib.splitting import (ROLES, TEST, SplitIndex, all_pairs_above, batch_document_counts, distinct_per_text,
+                                  select_texts)
 from stages.lib.text import word_bytes
 
 # On a small dataset a share of rows is a handful of rows: "in more than 1% of 200 rows" would
@@ -107,17 +108,6 @@ def near_duplicate_check(index: SplitIndex, sides: np.ndarray, threshold: float,
     return Check(_cross_side(similar, sides), detail={"method": "lsh", "compared": int(len(similar))})
 
 
-def _distinct_per_text(hashes: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(hashes, text index) with each hash once per text."""
-    owner = np.repeat(np.arange(len(lengths)), lengths)
-    if len(hashes) == 0:
-        return hashes, owner
-    order = np.lexsort((hashes, owner))
-    hashes, owner = hashes[order], owner[order]
-    first = np.r_[True, (hashes[1:] != hashes[:-1]) | (owner[1:] != owner[:-1])]
-    return hashes[first], owner[first]
-
-
 class WordFrequency:
     """Document frequency of words in one role's turns, counted over all records (by word hash:
     memory grows with the vocabulary, not with the number of rows)."""
@@ -126,14 +116,18 @@ class WordFrequency:
         self.words = np.zeros(0, dtype=np.uint64)
         self.counts = np.zeros(0, dtype=np.int64)
         self.records = 0
-        self._pending: list[np.ndarray] = []
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self._pending_size = 0
 
     def add(self, hashes: np.ndarray, lengths: np.ndarray) -> None:
-        distinct, _ = _distinct_per_text(hashes, lengths)
-        self._pending.append(distinct)
-        self._pending_size += len(distinct)
-        self.records += len(lengths)
+        self.add_counts(*batch_document_counts(hashes, lengths), len(lengths))
+
+    def add_counts(self, words: np.ndarray, counts: np.ndarray, records: int) -> None:
+        """Add `records` records given as (distinct words, records with each word), what
+        batch_document_counts returns (splitting.build_index computes it in its workers)."""
+        self._pending.append((words, counts))
+        self._pending_size += len(words)
+        self.records += records
         # Merge into the sorted (word, count) arrays only when the pending part is as big as they
         # are (amortised: each merge costs about what it absorbs).
         if self._pending_size > max(len(self.words), 1 << 20):
@@ -142,11 +136,11 @@ class WordFrequency:
     def _merge(self) -> None:
         if not self._pending:
             return
-        batch = np.concatenate(self._pending)
+        words = np.concatenate([self.words] + [w for w, _ in self._pending])
+        counts = np.concatenate([self.counts] + [c for _, c in self._pending])
         self._pending, self._pending_size = [], 0
-        merged, inverse = np.unique(np.concatenate([self.words, batch]), return_inverse=True)
-        self.counts = np.bincount(inverse, weights=np.concatenate([self.counts, np.ones(len(batch))]),
-                                  minlength=len(merged)).astype(np.int64)
+        merged, inverse = np.unique(words, return_inverse=True)
+        self.counts = np.bincount(inverse, weights=counts, minlength=len(merged)).astype(np.int64)
         self.words = merged
 
     def frequent(self, max_df: float) -> np.ndarray:
@@ -167,7 +161,7 @@ def text_ngrams(word_hashes: np.ndarray, lengths: np.ndarray, n: int, skip: np.n
         lengths = np.bincount(owner[keep], minlength=len(lengths)).astype(np.int64)
         word_hashes = word_hashes[keep]
     hashes, counts = minhash.ngram_hashes(word_hashes, lengths, n, short=False)
-    return _distinct_per_text(hashes, counts)
+    return distinct_per_text(hashes, counts)
 
 
 def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:

@@ -39,6 +39,9 @@ class RowError(Exception):
         super().__init__(message)
         self.kind = kind
 
+    def __reduce__(self):   # pickles (rows travel to clean's worker processes with their errors)
+        return type(self), (self.kind, str(self))
+
 
 @dataclass
 class RawRow:
@@ -126,13 +129,15 @@ _DIGITS_ONLY = bytes.maketrans(bytes(range(256)), bytes(0x30 if 0x30 <= c <= 0x3
 _LONG_RUN = b"0" * 19
 
 
-def _has_long_number(data: bytes) -> bool:
+def has_long_number(data: bytes) -> bool:
     return _LONG_RUN in data.translate(_DIGITS_ONLY)
 
 
-def fast_json_loads(text):
-    """json.loads, through orjson when it can: same value for every input json accepts."""
-    if _fast_loads is not None and not _has_long_number(text if isinstance(text, bytes) else text.encode()):
+def fast_json_loads(text, may_have_long_numbers: bool = True):
+    """json.loads, through orjson when it can: same value for every input json accepts.
+    may_have_long_numbers=False: the caller has checked `has_long_number` (on a whole batch)."""
+    if _fast_loads is not None and not (may_have_long_numbers and has_long_number(
+            text if isinstance(text, bytes) else text.encode())):
         try:
             return _fast_loads(text)
         except ValueError:
@@ -158,28 +163,55 @@ def parse_json_object(text: str) -> dict:
 def read_jsonl(path: Path, name: str) -> Iterator[RawRow]:
     with open(path, "rb") as handle:
         for number, line in enumerate(handle, 1):
-            complete = line.endswith(b"\n")
-            if number == 1 and line.startswith(_BOM):
-                line = line[len(_BOM):]
-            line = line.rstrip(b"\r\n")
-            if not line.strip():
-                yield RawRow(name, number, None, blank=True)
-                continue
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield RawRow(name, number, None, RowError("not_utf8", f"not UTF-8 at byte {exc.start + 1}"),
-                             raw=line.decode("utf-8", "backslashreplace"))
-                continue
-            try:
-                row = parse_json_object(text)
-            except RowError as exc:
-                if not complete and exc.kind == "invalid_json":
-                    exc = RowError("truncated", "the last line looks truncated (no newline at the end "
-                                                f"of the file): {exc}")
-                yield RawRow(name, number, None, exc, raw=text)
-                continue
-            yield RawRow(name, number, row, raw=text)
+            yield jsonl_row(name, number, line)
+
+
+def jsonl_row(name: str, number: int, line: bytes) -> RawRow:
+    """The RawRow of line `number` of a JSONL file (`line` as read, newline included)."""
+    complete = line.endswith(b"\n")
+    if number == 1 and line.startswith(_BOM):
+        line = line[len(_BOM):]
+    line = line.rstrip(b"\r\n")
+    if not line.strip():
+        return RawRow(name, number, None, blank=True)
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return RawRow(name, number, None, RowError("not_utf8", f"not UTF-8 at byte {exc.start + 1}"),
+                      raw=line.decode("utf-8", "backslashreplace"))
+    try:
+        row = parse_json_object(text)
+    except RowError as exc:
+        if not complete and exc.kind == "invalid_json":
+            exc = RowError("truncated", "the last line looks truncated (no newline at the end "
+                                        f"of the file): {exc}")
+        return RawRow(name, number, None, exc, raw=text)
+    return RawRow(name, number, row, raw=text)
+
+
+@dataclass
+class JsonlLines:
+    """Consecutive lines of a JSONL file, read but not parsed yet: `rows()` parses them (in a
+    worker process, so that the reading process only moves bytes)."""
+
+    name: str
+    first: int               # line number of lines[0]
+    lines: list
+
+    def rows(self) -> list[RawRow]:
+        return [jsonl_row(self.name, number, line) for number, line in enumerate(self.lines, self.first)]
+
+
+def read_jsonl_lines(path: Path, name: str, batch_lines: int) -> Iterator[JsonlLines]:
+    with open(path, "rb") as handle:
+        first, lines = 1, []
+        for line in handle:
+            lines.append(line)
+            if len(lines) == batch_lines:
+                yield JsonlLines(name, first, lines)
+                first, lines = first + len(lines), []
+        if lines:
+            yield JsonlLines(name, first, lines)
 
 
 # --------------------------------------------------------------------------------------------

@@ -86,6 +86,22 @@ def select_texts(hashes: np.ndarray, lengths: np.ndarray, keep: np.ndarray) -> t
     return hashes[np.repeat(keep, lengths)], lengths[keep]
 
 
+def distinct_per_text(hashes: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(hashes, text index) with each hash once per text."""
+    owner = np.repeat(np.arange(len(lengths)), lengths)
+    if len(hashes) == 0:
+        return hashes, owner
+    order = np.lexsort((hashes, owner))
+    hashes, owner = hashes[order], owner[order]
+    first = np.r_[True, (hashes[1:] != hashes[:-1]) | (owner[1:] != owner[:-1])]
+    return hashes[first], owner[first]
+
+
+def batch_document_counts(hashes: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct words, how many of the texts contain each) of a batch of texts."""
+    return np.unique(distinct_per_text(hashes, lengths)[0], return_counts=True)
+
+
 def sequence_keys(hashes: np.ndarray, lengths: np.ndarray, fallback: np.ndarray) -> np.ndarray:
     """A 64-bit key per text from its word hashes in order: equal for texts with the same words
     (so up to case, spacing and punctuation). Texts without words get `fallback` (their id), so
@@ -126,11 +142,14 @@ class _BatchFacts:
     band_keys: Optional[np.ndarray]
     role_hashes: dict            # role -> word hashes of that role's turns, record after record
     role_lengths: dict           # role -> words per record
+    role_vocabulary: dict        # role -> batch_document_counts(role_hashes, role_lengths)
     group_values: list
 
 
-def _batch_facts(batch, hasher: minhash.MinHasher, layout: Optional[minhash.Bands], group_by: Optional[str]) -> _BatchFacts:
-    batch_offsets, _, records = batch
+def _batch_facts(batch: minhash.LineBatch, hasher: minhash.MinHasher, layout: Optional[minhash.Bands],
+                 group_by: Optional[str]) -> _BatchFacts:
+    records = minhash.parse_batch(batch)
+    batch_offsets = batch.offsets
     batch_ids = minhash.ids_to_uint64([r["id"] for r in records])
     # Tokenise every user/assistant turn once; similarity, keys and n-grams all reuse it.
     contents, message_role, message_owner = [], [], []
@@ -146,13 +165,14 @@ def _batch_facts(batch, hasher: minhash.MinHasher, layout: Optional[minhash.Band
     record_length = np.bincount(message_owner, weights=message_length, minlength=len(records)).astype(np.int64)
     signatures = hasher.signatures_from_word_hashes(word_hashes, record_length)
     token_role = np.repeat(message_role, message_length)
-    keys, role_hashes, role_lengths = {}, {}, {}
+    keys, role_hashes, role_lengths, role_vocabulary = {}, {}, {}, {}
     for number, role in enumerate(ROLES):
         mine = message_role == number
         role_lengths[role] = np.bincount(message_owner[mine], weights=message_length[mine],
                                          minlength=len(records)).astype(np.int64)
         role_hashes[role] = word_hashes[token_role == number]
         keys[role] = sequence_keys(role_hashes[role], role_lengths[role], batch_ids)
+        role_vocabulary[role] = batch_document_counts(role_hashes[role], role_lengths[role])
     group_values = []
     if group_by:
         for r in records:
@@ -160,16 +180,19 @@ def _batch_facts(batch, hasher: minhash.MinHasher, layout: Optional[minhash.Band
             group_values.append(None if value is None else json.dumps(value, sort_keys=True))
     return _BatchFacts(batch_ids, np.array(batch_offsets, dtype=np.int64), keys, minhash.fingerprint(signatures),
                        minhash.band_keys(signatures, layout) if layout is not None else None,
-                       role_hashes, role_lengths, group_values)
+                       role_hashes, role_lengths, role_vocabulary, group_values)
 
 
 def build_index(path, hasher: minhash.MinHasher, layout: Optional[minhash.Bands], group_by: Optional[str],
                 tokens: TokenStore, progress=None, observers=None, expected_rows: int = 1024,
                 workers: Optional[int] = None) -> SplitIndex:
-    """One pass over a records file. Word hashes of each role go to `tokens` and to the
-    `observers` (per role, objects with `add(hashes, lengths)`, e.g. the audit's word counts).
-    Batches are tokenised and hashed by `workers` threads (default: parallel.default_workers)
-    while this thread parses the next ones; results are taken in file order."""
+    """One pass over a records file. Word hashes of each role go to `tokens`, and each batch's
+    document counts of words to the `observers` (per role, objects with `add_counts(words,
+    counts, records)`, e.g. the audit's word counts).
+    Batches are parsed, tokenised and hashed by `workers` processes (default:
+    parallel.default_workers) while this one reads the next lines; results are taken in file order."""
+    import functools
+
     from stages.lib.parallel import ordered_map
 
     rows = expected_rows
@@ -179,8 +202,8 @@ def build_index(path, hasher: minhash.MinHasher, layout: Optional[minhash.Bands]
     fingerprints = minhash.GrowingArray(hasher.num_perm, np.uint16, rows)
     band_keys = minhash.GrowingArray(layout.bands, np.uint32, rows) if layout else None
     group_values = []
-    for facts in ordered_map(lambda batch: _batch_facts(batch, hasher, layout, group_by), minhash.scan_records(path),
-                             workers):
+    facts_of = functools.partial(_batch_facts, hasher=hasher, layout=layout, group_by=group_by)
+    for facts in ordered_map(facts_of, minhash.read_batches(path), workers):
         ids.extend(facts.ids)
         offsets.extend(facts.offsets)
         fingerprints.extend(facts.fingerprints)
@@ -190,7 +213,7 @@ def build_index(path, hasher: minhash.MinHasher, layout: Optional[minhash.Bands]
             keys[role].extend(facts.keys[role])
             tokens.append(role, facts.role_hashes[role], facts.role_lengths[role])
             if observers:
-                observers[role].add(facts.role_hashes[role], facts.role_lengths[role])
+                observers[role].add_counts(*facts.role_vocabulary[role], len(facts.ids))
         group_values.extend(facts.group_values)
         if progress is not None:
             progress.update(len(facts.ids))
@@ -294,10 +317,14 @@ def group_key_per_row(ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def assign_sides(group_keys: np.ndarray, seed: int, test_fraction: float, validation_fraction: float) -> np.ndarray:
+    """side_of for every row's group key (uint64), the hashing done once per group and the
+    thresholds compared in numpy (tests/test_splitting.py checks it against side_of)."""
     unique_keys, inverse = np.unique(group_keys, return_inverse=True)
-    sides = np.array([side_of(minhash.uint64_to_id(k), seed, test_fraction, validation_fraction)
-                      for k in unique_keys.tolist()], dtype=np.int8)
-    return sides[inverse]
+    sha256 = hashlib.sha256
+    prefixes = b"".join([sha256(b"%d:%016x" % (seed, key)).digest()[:8] for key in unique_keys.tolist()])
+    u = np.frombuffer(prefixes, dtype=">u8").astype(np.float64) / 2**64
+    sides = np.where(u < test_fraction, TEST, np.where(u < test_fraction + validation_fraction, VALIDATION, TRAIN))
+    return sides.astype(np.int8)[inverse]
 
 
 @dataclass
