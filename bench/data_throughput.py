@@ -7,7 +7,8 @@ What it does:
 1. writes N synthetic support-ticket rows (messages format) into a temporary DVC-less project,
    with injected exact duplicates and near-duplicates (re-cased, re-spaced, a few words changed);
 2. runs `python -m stages.clean`, `stages.dedup`, `stages.split` there as subprocesses: wall time
-   (imports included) and peak RSS per stage (os.wait4);
+   (imports included), CPU time and peak RSS per stage (os.wait4; both include the stage's worker
+   processes, one per CPU: QLORA_DVC_WORKERS=1 in the environment measures a single process);
 3. runs, on the same cleaned records and the same shingles, a plain datasketch loop: one MinHash
    per record, `update` per shingle, `MinHashLSH.query`, `insert` when nothing matched; and the
    same loop with `update_batch`, and with rensa (Rust MinHash), for reference;
@@ -136,6 +137,13 @@ def _project(workdir: Path, rows: int, params: dict) -> set[int]:
     return near_lines
 
 
+def _workers() -> int:
+    sys.path.insert(0, str(ROOT))
+    from stages.lib.parallel import default_workers
+
+    return default_workers()
+
+
 def run_pipeline(workdir: Path) -> dict:
     stages = {name: _run([sys.executable, "-m", f"stages.{name}"], workdir) for name in ("clean", "dedup", "split")}
     return stages
@@ -261,6 +269,7 @@ def main() -> int:
         "measured": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
+        "pipeline_workers": _workers(),
         "rows": args.rows,
     }
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
@@ -281,8 +290,10 @@ def main() -> int:
                              if k in ("rows_in", "kept", "removed_exact", "removed_near")},
         }
         result["pipeline_clean_dedup_split"] = pipeline
-        print(f"pipeline (clean+dedup+split, {args.rows} rows): {pipeline['records_per_s']:.0f} records/s, "
-              f"recall {pipeline['recall_injected_near_duplicates']:.3f}, peak RSS {pipeline['peak_rss_mb']} MB "
+        print(f"pipeline (clean+dedup+split, {args.rows} rows, {result['pipeline_workers']} worker processes): "
+              f"{pipeline['records_per_s']:.0f} records/s ({pipeline['seconds_total']} s wall, "
+              f"{pipeline['cpu_seconds_total']} s CPU), recall {pipeline['recall_injected_near_duplicates']:.3f}, "
+              f"peak RSS {pipeline['peak_rss_mb']} MB "
               + str({k: v['seconds'] for k, v in stages.items()}), flush=True)
         result["loops"] = {}
         for kind in [k for k in args.loops.split(",") if k]:

@@ -3,7 +3,8 @@
     python -m stages.clean        (from the project root; reads params `data` and `clean`)
 
 Every input row ends up in exactly one of data/clean/records.jsonl and data/clean/rejected.jsonl
-(with its line number and reason); reports/clean.json counts them. Bad rows never stop the
+(with its line number and reason); reports/clean.json counts them. Rows are cleaned in batches by
+worker processes (stages/lib/parallel.py), written in input order. Bad rows never stop the
 stage; it fails only when too many are rejected or none survives.
 """
 from __future__ import annotations

@@ -3,9 +3,10 @@
     python -m stages.dedup        (from the project root; reads params `dedup`)
 
 Two passes over data/clean/records.jsonl: the first builds a compact index (an exact key, a
-MinHash fingerprint and LSH band keys per record: a few hundred bytes, whatever the text length),
-the second copies kept records byte for byte to data/dedup/records.jsonl and writes one row per
-removed record to data/dedup/removed.jsonl. reports/dedup.json counts them and, when the clean
+MinHash fingerprint and LSH band keys per record: a few hundred bytes, whatever the text length;
+batches are parsed and hashed by worker processes, stages/lib/parallel.py), the second copies
+kept records byte for byte to data/dedup/records.jsonl and writes one row per removed record to
+data/dedup/removed.jsonl. reports/dedup.json counts them and, when the clean
 report is there, checks the whole accounting: rows_in(clean) = kept + rejected + removed.
 """
 from __future__ import annotations

@@ -4,12 +4,13 @@
                                    dedup.shingle_size, dedup.seed)
 
 Streaming passes, holding a few hundred bytes per record in memory:
-1. data/dedup/records.jsonl, parsed once: ids, byte offsets, prompt/answer keys, MinHash
-   fingerprints (and LSH keys on large inputs), word counts; each record's word hashes go to a
-   temporary file. Then groups and sides (stages/lib/splitting.py) and the exact and near-duplicate
+1. data/dedup/records.jsonl, parsed once (in batches, by worker processes): ids, byte offsets,
+   prompt/answer keys, MinHash fingerprints (and LSH keys on large inputs), word counts; each
+   record's word hashes go to a temporary file. Then groups and sides (stages/lib/splitting.py) and the exact and near-duplicate
    audit checks (stages/lib/audit.py);
 2. the word-hash file, twice per role: test rows' n-grams, then the other rows' (the n-gram audit);
-3. every record, in id order (seek by offset), copied byte for byte to its side's file.
+3. every record, in id order (sliced at its offset from the memory-mapped file), copied byte for
+   byte to its side's file.
 reports/split.json holds the counts and the audit; above split.max_leakage leaked pairs the
 stage fails and names them (the outputs are still written, to inspect).
 """
