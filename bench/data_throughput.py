@@ -12,7 +12,10 @@ What it does:
 3. runs, on the same cleaned records and the same shingles, a plain datasketch loop: one MinHash
    per record, `update` per shingle, `MinHashLSH.query`, `insert` when nothing matched; and the
    same loop with `update_batch`, and with rensa (Rust MinHash), for reference;
-4. prints and writes reports/bench/data_throughput.json: records/s, the speedup of the whole
+4. runs the pipeline --repeats times (default 3: before the loops, between them, after them) and
+   takes its median run, so that a machine whose speed drifts over the minutes the loops take
+   moves both sides alike;
+5. prints and writes reports/bench/data_throughput.json: records/s, the speedup of the whole
    clean+dedup+split over the loop's dedup alone, recall of the injected near-duplicates for
    each, and peak memory (at --scale-rows too, to show it stays bounded as the input grows).
 """
@@ -258,6 +261,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--scale-rows", type=int, default=0, help="also run the pipeline alone at this size (memory)")
     parser.add_argument("--loops", default="ours_dedup_engine,datasketch_plain,datasketch_batch,rensa")
+    parser.add_argument("--repeats", type=int, default=3, help="pipeline runs, spread between the loops")
     parser.add_argument("--out", type=Path, default=REPORT)
     parser.add_argument("--loop", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -275,10 +279,37 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         workdir = Path(tmp) / "main"
         near_lines = _project(workdir, args.rows, {})
-        stages = run_pipeline(workdir)
-        total = sum(s["seconds"] for s in stages.values())
+        kinds = [k for k in args.loops.split(",") if k]
+        # The pipeline runs `repeats` times, spread between the loops (before the first, after the
+        # last), and its median run is compared with each loop: a machine whose speed drifts
+        # during the minutes the loops take then moves both sides alike.
+        runs = []
+
+        def pipeline_run():
+            stages = run_pipeline(workdir)
+            runs.append(stages)
+            print(f"pipeline run {len(runs)} (clean+dedup+split, {args.rows} rows, {result['pipeline_workers']} "
+                  f"worker processes): {sum(s['seconds'] for s in stages.values()):.2f} s wall, "
+                  f"{sum(s['cpu_seconds'] for s in stages.values()):.2f} s CPU "
+                  + str({k: v['seconds'] for k, v in stages.items()}), flush=True)
+
+        pipeline_run()
+        result["loops"] = {}
+        between = {kinds[round(i * len(kinds) / max(1, args.repeats - 1)) - 1]
+                   for i in range(1, args.repeats - 1)} if kinds else set()
+        for kind in kinds:
+            result["loops"][kind] = run_loop(kind, workdir, near_lines)
+            if kind in between:
+                pipeline_run()
+        while len(runs) < args.repeats:
+            pipeline_run()
+        totals = [sum(s["seconds"] for s in stages.values()) for stages in runs]
+        median = sorted(range(len(runs)), key=totals.__getitem__)[len(runs) // 2]
+        stages = runs[median]
+        total = totals[median]
         clean = json.loads((workdir / "reports" / "clean.json").read_text())
         pipeline = {
+            "runs_seconds": [round(t, 3) for t in totals],
             "stages": {k: {"seconds": v["seconds"], "cpu_seconds": v["cpu_seconds"], "peak_rss_mb": v["peak_rss_mb"]}
                        for k, v in stages.items()},
             "seconds_total": round(total, 3),
@@ -290,16 +321,11 @@ def main() -> int:
                              if k in ("rows_in", "kept", "removed_exact", "removed_near")},
         }
         result["pipeline_clean_dedup_split"] = pipeline
-        print(f"pipeline (clean+dedup+split, {args.rows} rows, {result['pipeline_workers']} worker processes): "
-              f"{pipeline['records_per_s']:.0f} records/s ({pipeline['seconds_total']} s wall, "
-              f"{pipeline['cpu_seconds_total']} s CPU), recall {pipeline['recall_injected_near_duplicates']:.3f}, "
-              f"peak RSS {pipeline['peak_rss_mb']} MB "
-              + str({k: v['seconds'] for k, v in stages.items()}), flush=True)
-        result["loops"] = {}
-        for kind in [k for k in args.loops.split(",") if k]:
-            loop = run_loop(kind, workdir, near_lines)
+        print(f"pipeline, median of {len(runs)} runs: {pipeline['records_per_s']:.0f} records/s "
+              f"({pipeline['seconds_total']} s wall, {pipeline['cpu_seconds_total']} s CPU), recall "
+              f"{pipeline['recall_injected_near_duplicates']:.3f}, peak RSS {pipeline['peak_rss_mb']} MB", flush=True)
+        for kind, loop in result["loops"].items():
             loop["pipeline_speedup"] = round(pipeline["records_per_s"] / loop["records_per_s"], 2)
-            result["loops"][kind] = loop
             print(f"{kind} (dedup only, in memory): {loop['records_per_s']:.0f} records/s, recall "
                   f"{loop['recall_injected_near_duplicates']:.3f}, peak RSS {loop['peak_rss_mb']} MB; whole "
                   f"pipeline is {loop['pipeline_speedup']}x its records/s", flush=True)

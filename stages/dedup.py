@@ -75,10 +75,15 @@ def main() -> int:
             row = 0
             kind = dups.kind.tolist()
             for batch in minhash.read_batches(CLEAN_RECORDS):
+                kept = [line for line, k in zip(batch.lines, kind[row:row + len(batch.lines)]) if k == 0]
+                # Kept lines byte for byte (UTF-8 was checked when they were parsed), each ending in
+                # one LF: one write per batch when they already do, as clean writes them.
+                block = b"".join(kept)
+                if block.count(b"\n") != len(kept) or b"\r" in block:
+                    block = b"".join(line.rstrip(b"\r\n") + b"\n" for line in kept)
+                kept_out.write(block)
                 for line in batch.lines:
-                    if kind[row] == 0:
-                        kept_out.write(line.rstrip(b"\r\n") + b"\n")   # byte for byte (UTF-8 checked when parsed)
-                    else:
+                    if kind[row] != 0:
                         record = json.loads(line)
                         removed_out.write(dumps_record({
                             "id": record["id"], "duplicate_of": minhash.uint64_to_id(ids[dups.duplicate_of[row]]),

@@ -47,7 +47,7 @@ def main() -> int:
 
 def _main(stack) -> int:
     import contextlib
-    import mmap
+    import os
     import tempfile
 
     import numpy as np
@@ -113,15 +113,17 @@ def _main(stack) -> int:
         with contextlib.ExitStack() as outputs_stack:
             outputs = {side: outputs_stack.enter_context(atomic_file(path, "wb")) for side, path in OUTPUTS.items()}
             handle = outputs_stack.enter_context(open(DEDUP_RECORDS, "rb"))
-            # The file mapped in memory: a record is a slice at its offset (the OS pages it in and
-            # out, so memory stays bounded), instead of a seek and a read per record.
-            view = outputs_stack.enter_context(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
             progress = outputs_stack.enter_context(bar("split: write", n))
-            offsets, row_sides = index.offsets.tolist(), sides.tolist()
+            # Rows are in file order, so a record's bytes run to the next record's offset (blank
+            # lines included); one positioned read each, without seeking or a read-ahead buffer.
+            offsets = index.offsets.tolist()
+            spans = np.diff(np.append(index.offsets, os.fstat(handle.fileno()).st_size)).tolist()
+            row_sides = sides.tolist()
             for row in order.tolist():
-                start, side = offsets[row], row_sides[row]
-                end = view.find(b"\n", start)
-                outputs[side].write(view[start:end if end >= 0 else len(view)].rstrip(b"\r") + b"\n")
+                chunk = os.pread(handle.fileno(), spans[row], offsets[row])
+                end = chunk.find(b"\n")
+                side = row_sides[row]
+                outputs[side].write((chunk if end < 0 else chunk[:end]).rstrip(b"\r") + b"\n")
                 counts[side] += 1
             progress.update(n)
     except OutputError as exc:

@@ -193,3 +193,18 @@ def test_assign_sides_is_side_of_for_every_group():
         sides = splitting.assign_sides(keys, seed, test, validation)
         expected = [splitting.side_of(minhash.uint64_to_id(k), seed, test, validation) for k in keys.tolist()]
         assert sides.tolist() == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 5), max_size=8), max_size=6))
+def test_distinct_per_text_and_unique_counts(texts):
+    hashes = np.array([w for t in texts for w in t], dtype=np.uint64)
+    lengths = np.array([len(t) for t in texts], dtype=np.int64)
+    distinct, owner = splitting.distinct_per_text(hashes, lengths)
+    assert sorted(zip(owner.tolist(), distinct.tolist())) == sorted({(i, w) for i, t in enumerate(texts) for w in t})
+    values, counts = splitting.unique_counts(hashes)
+    expected_values, expected_counts = np.unique(hashes, return_counts=True)
+    assert values.tolist() == expected_values.tolist() and counts.tolist() == expected_counts.tolist()
+    words, documents = splitting.batch_document_counts(hashes, lengths)
+    assert dict(zip(words.tolist(), documents.tolist())) == {
+        w: sum(w in t for t in texts) for w in {w for t in texts for w in t}}

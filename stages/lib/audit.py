@@ -41,7 +41,7 @@ import numpy as np
 
 from stages.lib import minhash
 from stages.lib.splitting import (ROLES, TEST, SplitIndex, all_pairs_above, batch_document_counts, distinct_per_text,
-                                  select_texts)
+                                  select_texts, unique_counts)
 from stages.lib.text import word_bytes
 
 # On a small dataset a share of rows is a handful of rows: "in more than 1% of 200 rows" would
@@ -139,9 +139,7 @@ class WordFrequency:
         words = np.concatenate([self.words] + [w for w, _ in self._pending])
         counts = np.concatenate([self.counts] + [c for _, c in self._pending])
         self._pending, self._pending_size = [], 0
-        merged, inverse = np.unique(words, return_inverse=True)
-        self.counts = np.bincount(inverse, weights=counts, minlength=len(merged)).astype(np.int64)
-        self.words = merged
+        self.words, self.counts = unique_counts(words, counts)
 
     def frequent(self, max_df: float) -> np.ndarray:
         """Sorted hashes of the words in more than max(WORD_DF_FLOOR, max_df * records) records."""

@@ -87,19 +87,35 @@ def select_texts(hashes: np.ndarray, lengths: np.ndarray, keep: np.ndarray) -> t
 
 
 def distinct_per_text(hashes: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(hashes, text index) with each hash once per text."""
+    """(hashes, text index) with each hash once per text (in no particular order)."""
     owner = np.repeat(np.arange(len(lengths)), lengths)
     if len(hashes) == 0:
         return hashes, owner
-    order = np.lexsort((hashes, owner))
+    # Sort by one 64-bit key of the pair instead of lexsort on two keys (9x faster): equal pairs
+    # get equal keys, so they end up side by side; comparing hash and text then keeps exactly one
+    # of each (two different pairs sharing a key, p ~ 2^-64, would at worst keep a pair twice).
+    with np.errstate(over="ignore"):
+        key = hashes ^ (owner.astype(np.uint64) * np.uint64(0xBF58476D1CE4E5B9))
+    order = np.argsort(key)
     hashes, owner = hashes[order], owner[order]
     first = np.r_[True, (hashes[1:] != hashes[:-1]) | (owner[1:] != owner[:-1])]
     return hashes[first], owner[first]
 
 
+def unique_counts(values: np.ndarray, weights: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct values, how many times each occurs, or the sum of its `weights`): what
+    np.unique(values, return_counts=True) gives, through one plain sort (faster for uint64)."""
+    order = np.argsort(values)
+    ordered = values[order]
+    first = np.r_[True, ordered[1:] != ordered[:-1]] if len(ordered) else np.zeros(0, dtype=bool)
+    group = np.cumsum(first) - 1
+    counts = np.bincount(group, weights=None if weights is None else weights[order], minlength=int(first.sum()))
+    return ordered[first], counts.astype(np.int64)
+
+
 def batch_document_counts(hashes: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(distinct words, how many of the texts contain each) of a batch of texts."""
-    return np.unique(distinct_per_text(hashes, lengths)[0], return_counts=True)
+    return unique_counts(distinct_per_text(hashes, lengths)[0])
 
 
 def sequence_keys(hashes: np.ndarray, lengths: np.ndarray, fallback: np.ndarray) -> np.ndarray:
