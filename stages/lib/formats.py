@@ -43,7 +43,7 @@ class RowError(Exception):
         return type(self), (self.kind, str(self))
 
 
-@dataclass
+@dataclass(slots=True)
 class RawRow:
     file: str                 # path as shown to the user (relative to the project when inside it)
     line: int                 # 1-based line where the row starts (Parquet: 1-based row number)
@@ -145,10 +145,10 @@ def fast_json_loads(text, may_have_long_numbers: bool = True):
     return json.loads(text, strict=False)
 
 
-def parse_json_object(text: str) -> dict:
+def parse_json_object(text: str, may_have_long_numbers: bool = True) -> dict:
     """json.loads for one row; every failure becomes a RowError with a readable reason."""
     try:
-        value = fast_json_loads(text)  # strict=False: raw tabs/newlines inside strings are common
+        value = fast_json_loads(text, may_have_long_numbers)  # strict=False: raw tabs/newlines inside strings are common
     except json.JSONDecodeError as exc:
         raise RowError("invalid_json", f"invalid JSON: {exc.msg} (column {exc.colno})") from None
     except RecursionError:
@@ -166,7 +166,7 @@ def read_jsonl(path: Path, name: str) -> Iterator[RawRow]:
             yield jsonl_row(name, number, line)
 
 
-def jsonl_row(name: str, number: int, line: bytes) -> RawRow:
+def jsonl_row(name: str, number: int, line: bytes, may_have_long_numbers: bool = True) -> RawRow:
     """The RawRow of line `number` of a JSONL file (`line` as read, newline included)."""
     complete = line.endswith(b"\n")
     if number == 1 and line.startswith(_BOM):
@@ -180,7 +180,7 @@ def jsonl_row(name: str, number: int, line: bytes) -> RawRow:
         return RawRow(name, number, None, RowError("not_utf8", f"not UTF-8 at byte {exc.start + 1}"),
                       raw=line.decode("utf-8", "backslashreplace"))
     try:
-        row = parse_json_object(text)
+        row = parse_json_object(text, may_have_long_numbers)
     except RowError as exc:
         if not complete and exc.kind == "invalid_json":
             exc = RowError("truncated", "the last line looks truncated (no newline at the end "
@@ -199,7 +199,8 @@ class JsonlLines:
     lines: list
 
     def rows(self) -> list[RawRow]:
-        return [jsonl_row(self.name, number, line) for number, line in enumerate(self.lines, self.first)]
+        unchecked = has_long_number(b"".join(self.lines))   # one scan for the batch, not one per line
+        return [jsonl_row(self.name, number, line, unchecked) for number, line in enumerate(self.lines, self.first)]
 
 
 def read_jsonl_lines(path: Path, name: str, batch_lines: int) -> Iterator[JsonlLines]:

@@ -122,14 +122,33 @@ class WordHasher:
         the same as hash_words of text.word_bytes(text) for each text, without a Python object
         per word. ASCII texts are lower-cased and split on non-word bytes in one buffer; other
         texts are case-folded and tokenised by the \\w regex first (Unicode word characters)."""
-        pieces = [text.lower() if text.isascii() else " ".join(_WORD.findall(text.casefold())) for text in texts]
-        sizes = np.fromiter((len(p) if p.isascii() else len(p.encode("utf-8")) for p in pieces),
-                            dtype=np.int64, count=len(pieces))
-        buffer = " ".join(pieces).encode("utf-8").translate(_WORD_BYTES)
+        buffer, sizes = _batch_bytes(texts, _word_tokens, _WORD_BYTES)
         hashes, starts = _hash_word_buffer(buffer)
-        text_starts = np.cumsum(sizes + 1) - (sizes + 1)
-        owner = np.searchsorted(text_starts, starts, side="right") - 1
-        return hashes, np.bincount(owner, minlength=len(texts)).astype(np.int64)
+        return hashes, _words_per_text(starts, sizes)
+
+
+def _word_tokens(text: str) -> str:
+    return " ".join(_WORD.findall(text.casefold()))
+
+
+def _batch_bytes(texts: Sequence[str], non_ascii, table: bytes) -> tuple[bytes, np.ndarray]:
+    """(the texts lower-cased, joined by spaces, as bytes with `table` applied; each text's size
+    in bytes). A text that is not ASCII is replaced by non_ascii(text) first."""
+    joined = " ".join(texts)
+    if joined.isascii():   # the common case: one lower() and one encode for the whole batch
+        sizes = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+        return joined.lower().encode("ascii").translate(table), sizes
+    pieces = [text.lower() if text.isascii() else non_ascii(text) for text in texts]
+    sizes = np.fromiter((len(p) if p.isascii() else len(p.encode("utf-8")) for p in pieces),
+                        dtype=np.int64, count=len(pieces))
+    return " ".join(pieces).encode("utf-8").translate(table), sizes
+
+
+def _words_per_text(word_starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """How many of the words (by start offset in the batch buffer) fall in each text."""
+    text_starts = np.cumsum(sizes + 1) - (sizes + 1)
+    owner = np.searchsorted(text_starts, word_starts, side="right") - 1
+    return np.bincount(owner, minlength=len(sizes)).astype(np.int64)
 
 
 def ngram_hashes(word_hashes: np.ndarray, lengths: np.ndarray, n: int, short: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -495,18 +514,17 @@ def count_lines(path) -> int:
 _WHITESPACE_TO_SPACE = bytes.maketrans(b"\t\n\r\x0b\x0c\x1c\x1d\x1e\x1f", b" " * 9)
 
 
+def _folded_tokens(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
 def text_keys(texts: Sequence[str]) -> np.ndarray:
     """uint64 key per text, a hash of its text.dedup_key (the whitespace-separated tokens,
     case-folded, in order): equal for texts that differ only in case and spacing. Computed for
     the whole batch at once from the texts' bytes (tests check it against dedup_key)."""
-    pieces = [text.lower() if text.isascii() else " ".join(text.casefold().split()) for text in texts]
-    sizes = np.fromiter((len(p) if p.isascii() else len(p.encode("utf-8")) for p in pieces),
-                        dtype=np.int64, count=len(pieces))
-    buffer = " ".join(pieces).encode("utf-8").translate(_WHITESPACE_TO_SPACE)
+    buffer, sizes = _batch_bytes(texts, _folded_tokens, _WHITESPACE_TO_SPACE)
     hashes, starts = _hash_word_buffer(buffer)
-    text_starts = np.cumsum(sizes + 1) - (sizes + 1)
-    owner = np.searchsorted(text_starts, starts, side="right") - 1
-    counts = np.bincount(owner, minlength=len(texts)).astype(np.int64)
+    counts = _words_per_text(starts, sizes)
     keys = np.zeros(len(texts), dtype=np.uint64)
     if len(hashes):
         first = np.cumsum(counts) - counts

@@ -31,14 +31,10 @@ _ASCII_WORD_BYTES = bytes.maketrans(bytes(range(256)), bytes(
     c if c < 128 and (chr(c).isalnum() or c == 0x5F) else 0x20 for c in range(256)))
 
 
-def _is_normal_ascii(text: str) -> bool:
-    return (text.isascii() and not _ASCII_CONTROL.search(text) and "  " not in text and " \n" not in text
-            and "\t\n" not in text and not text[:1].isspace() and not text[-1:].isspace())
-
-
 def normalize_text(text: str) -> str:
     """NFC, CRLF/CR -> LF, no control characters except newline and tab, single spaces, stripped."""
-    if _is_normal_ascii(text):
+    if (text.isascii() and not _ASCII_CONTROL.search(text) and "  " not in text and " \n" not in text
+            and "\t\n" not in text and not text[:1].isspace() and not text[-1:].isspace()):
         return text  # already normal: the fast path for most rows (plain substring scans)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _CONTROL.sub("", text)  # before NFC: removing a character can bring an accent to its letter
