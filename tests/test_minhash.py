@@ -224,3 +224,17 @@ def test_word_hashes_do_not_depend_on_where_the_buffer_is_cut(monkeypatch):
     monkeypatch.setattr(minhash, "_CHUNK_BYTES", 1000)   # cut the batch's buffer every ~1000 bytes
     cut = minhash.WordHasher().hash_texts(texts)
     assert np.array_equal(whole[0], cut[0]) and np.array_equal(whole[1], cut[1])
+
+
+def test_read_batches_numbers_offsets_and_blank_lines(tmp_path):
+    path = tmp_path / "r.jsonl"
+    rows = [b'{"id": "%d", "messages": []}\n' % i for i in range(10)]
+    content = rows[0] + b"\n" + rows[1] + b"   \r\n" + b"".join(rows[2:])
+    path.write_bytes(content)
+    batches = list(minhash.read_batches(path, batch_size=4))
+    assert [len(b.lines) for b in batches] == [4, 4, 2]
+    lines = [line for b in batches for line in b.lines]
+    numbers = [n for b in batches for n in b.numbers]
+    offsets = [o for b in batches for o in b.offsets]
+    assert lines == rows and numbers == [1, 3, 5, 6, 7, 8, 9, 10, 11, 12]
+    assert all(content[o:o + len(line)] == line for o, line in zip(offsets, lines))
