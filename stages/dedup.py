@@ -43,7 +43,7 @@ def main() -> int:
     try:
         rows = minhash.count_lines(CLEAN_RECORDS)   # sizes the index exactly
     except FileNotFoundError:
-        rows = 0   # scan_records reports the missing file below
+        rows = 0   # read_batches reports the missing file below
     ids = minhash.GrowingArray(None, np.uint64, rows)   # 8 bytes per record, not a Python string
     exact_keys = minhash.GrowingArray(None, np.uint64, rows)
     fingerprints = minhash.GrowingArray(params.num_perm, np.uint16, rows if params.near else 1)

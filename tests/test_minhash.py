@@ -170,13 +170,16 @@ def test_word_hashes_are_stable_across_instances():
     assert np.array_equal(minhash.WordHasher().hash_words(tokens), minhash.WordHasher().hash_words(tokens))
 
 
-def test_scan_records_reports_damage(tmp_path):
+def test_parse_batch_reports_damage(tmp_path):
     path = tmp_path / "r.jsonl"
-    path.write_text('{"id": "a", "messages": []}\n{"broken\n')
-    with pytest.raises(minhash.RecordFileError, match="line 2: not a record this pipeline wrote"):
-        list(minhash.scan_records(path))
+    path.write_text('{"id": "a", "messages": []}\n\n{"broken\n{"id": "b"}\n')
+    with pytest.raises(minhash.RecordFileError, match="line 3: not a record this pipeline wrote"):
+        [minhash.parse_batch(batch) for batch in minhash.read_batches(path)]
+    path.write_text('{"id": "a", "messages": []}\n{"id": "b"}\n')
+    with pytest.raises(minhash.RecordFileError, match="line 2: not a record this pipeline wrote.*KeyError"):
+        [minhash.parse_batch(batch) for batch in minhash.read_batches(path)]
     with pytest.raises(minhash.RecordFileError, match="not found"):
-        list(minhash.scan_records(tmp_path / "none.jsonl"))
+        list(minhash.read_batches(tmp_path / "none.jsonl"))
 
 
 @settings(max_examples=200, deadline=None)

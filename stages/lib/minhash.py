@@ -111,7 +111,7 @@ def _hash_words_in(buffer: bytes) -> tuple[np.ndarray, np.ndarray]:
 
 
 class WordHasher:
-    """Stable 64-bit word hashes (tabulation hashing, so the same on every machine and run)."""
+    """Stable 64-bit word hashes (a polynomial over the bytes, so the same on every machine and run)."""
 
     def hash_words(self, tokens: Sequence[bytes]) -> np.ndarray:
         """uint64 hashes of UTF-8 word tokens (text.word_bytes)."""
@@ -489,16 +489,6 @@ def parse_batch(batch: LineBatch) -> list[dict]:
                                   f"({type(exc).__name__}: {exc}); re-run the previous stage") from None
         records.append(record)
     return records
-
-
-def scan_records(path, batch_size: int = 4096, parse: bool = True):
-    """Yield (byte offsets, raw lines, parsed records) batches of a JSONL records file.
-
-    Offsets let a later pass seek straight to a record (split writes its outputs in id order
-    without holding the records); raw lines let dedup copy kept records byte for byte.
-    With parse=False the records list is empty (a pass that only copies lines)."""
-    for batch in read_batches(path, batch_size):
-        yield batch.offsets, batch.lines, parse_batch(batch) if parse else []
 
 
 def count_lines(path) -> int:
