@@ -111,7 +111,13 @@ def clean_file_rows(rows: Iterator[RawRow], data, clean, summary: CleanSummary
                     ) -> Iterator[tuple[bool, dict]]:
     """(True, record) or (False, rejection) for every row of one file, in order."""
     head, fmt = read_ahead_format(rows, data)
-    for raw in _chain(head, rows):
+    yield from _clean_rows(_chain(head, rows), fmt, data, clean, summary)
+
+
+def _clean_rows(rows: Iterator[RawRow], fmt: Optional[str], data, clean, summary: CleanSummary
+                ) -> Iterator[tuple[bool, dict]]:
+    """clean_row for each row, counted in `summary`; blank lines are counted apart."""
+    for raw in rows:
         if fmt is None and raw.row is not None:   # the first readable row came after the read-ahead
             fmt = _detect([raw.row], raw.file, data.fields)
         summary.formats_by_file[raw.file] = fmt
@@ -136,9 +142,7 @@ def read_ahead_format(rows: Iterator[RawRow], data, keep_all: bool = False) -> t
         head.append(raw)
         if raw.row is not None:
             parsed.append(raw.row)
-        # Enough rows to vote, or a file that starts with a long run of unreadable rows: the
-        # read-ahead stays bounded either way.
-        if len(parsed) >= DETECT_ROWS or len(head) >= 100 * DETECT_ROWS:
+        if _enough_to_detect(len(parsed), len(head)):
             break
     if keep_all:
         head.extend(rows)
@@ -177,14 +181,8 @@ def clean_batch(rows, fmt: str, data, clean) -> CleanedBatch:
     if isinstance(rows, JsonlLines):
         rows = rows.rows()
     kept, rejected, summary = [], [], CleanSummary()
-    for raw in rows:
-        summary.formats_by_file[raw.file] = fmt
-        result = clean_row(raw, fmt, data, clean)
-        if result is None:
-            summary.blank_lines += 1
-            continue
-        summary.count(*result)
-        (kept if result[0] else rejected).append(dumps_record(result[1]) + "\n")
+    for is_kept, row in _clean_rows(rows, fmt, data, clean, summary):
+        (kept if is_kept else rejected).append(dumps_record(row) + "\n")
     return CleanedBatch("".join(kept), "".join(rejected), summary)
 
 
@@ -219,11 +217,17 @@ def clean_file(path, name: str, data, clean, summary: CleanSummary, batch_rows: 
         yield cleaned.kept, cleaned.rejected
 
 
+def _enough_to_detect(parsed: int, seen: int) -> bool:
+    """Enough parsed rows to vote on the format, or a file that starts with a long run of
+    unreadable rows: the read-ahead stays bounded either way."""
+    return parsed >= DETECT_ROWS or seen >= 100 * DETECT_ROWS
+
+
 def _read_ahead_done(rows: list[RawRow]) -> bool:
     parsed = 0
-    for count, raw in enumerate(rows, 1):
+    for seen, raw in enumerate(rows, 1):
         parsed += raw.row is not None
-        if parsed >= DETECT_ROWS or count >= 100 * DETECT_ROWS:
+        if _enough_to_detect(parsed, seen):
             return True
     return False
 
