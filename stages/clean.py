@@ -18,12 +18,11 @@ REPORT = Path("reports/clean.json")
 
 
 def main() -> int:
-    from tqdm import tqdm
-
     from stages.lib.cleaning import CleanSummary, clean_file
     from stages.lib.formats import InputError, display_name, list_input_files
     from stages.lib.io import OutputError, atomic_file, resolve_data_path, write_json
     from stages.lib.params import ParamsError, load_params
+    from stages.lib.progress import progress_bar
 
     try:
         params = load_params()
@@ -36,7 +35,7 @@ def main() -> int:
     try:
         files, ignored = list_input_files(raw_path)
         with atomic_file(RECORDS) as kept_out, atomic_file(REJECTED) as rejected_out, \
-                tqdm(desc="clean", unit=" rows", file=sys.stderr, disable=None, mininterval=1) as progress:
+                progress_bar("clean") as progress:
             for path in files:
                 name = display_name(path, root)
                 summary.formats_by_file.setdefault(name, None)

@@ -26,12 +26,12 @@ def main() -> int:
     import functools
 
     import numpy as np
-    from tqdm import tqdm
 
     from stages.lib import minhash
     from stages.lib.io import OutputError, atomic_file, dumps_record, write_json
     from stages.lib.params import ParamsError, load_params
     from stages.lib.parallel import ordered_map
+    from stages.lib.progress import progress_bar
 
     try:
         params = load_params().dedup
@@ -49,7 +49,7 @@ def main() -> int:
     fingerprints = minhash.GrowingArray(params.num_perm, np.uint16, rows if params.near else 1)
     band_keys = minhash.GrowingArray(layout.bands, np.uint32, rows if params.near else 1)
     try:
-        with tqdm(desc="dedup: index", unit=" rows", file=sys.stderr, disable=None, mininterval=1) as progress:
+        with progress_bar("dedup: index") as progress:
             # Worker processes parse and hash batches; this one reads lines and gathers results.
             index_batch = functools.partial(minhash.dedup_index, hasher=hasher, layout=layout if params.near else None)
             for batch in ordered_map(index_batch, minhash.read_batches(CLEAN_RECORDS)):

@@ -51,11 +51,11 @@ def _main(stack) -> int:
     import tempfile
 
     import numpy as np
-    from tqdm import tqdm
 
     from stages.lib import audit, minhash, splitting
     from stages.lib.io import OutputError, atomic_file, write_json
     from stages.lib.params import ParamsError, load_params
+    from stages.lib.progress import progress_bar
 
     try:
         all_params = load_params()
@@ -65,7 +65,7 @@ def _main(stack) -> int:
     params, dedup = all_params.split, all_params.dedup
 
     def bar(desc, total):
-        return tqdm(desc=desc, total=total, unit=" rows", file=sys.stderr, disable=None, mininterval=1)
+        return progress_bar(desc, total)
 
     try:
         n_hint = minhash.count_lines(DEDUP_RECORDS)
