@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import orjson
+
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "columns")
 DETECT_ROWS = 100          # rows of each file that auto-detection looks at
@@ -115,13 +117,6 @@ def read_rows(path: Path, name: str) -> Iterator[RawRow]:
 # JSON Lines
 
 
-try:  # orjson parses 3x faster; anything it refuses goes to json, whose behaviour (NaN, big
-    # integers, raw control characters) and error messages are the reference.
-    from orjson import loads as _fast_loads
-except ImportError:  # pragma: no cover
-    _fast_loads = None
-
-
 # orjson turns integers beyond 64 bits into floats (losing digits); json keeps them exact. A line
 # with a run of 19+ digits goes to json. Found by mapping digits to "0" and everything else to a
 # space, then a substring search: 15x faster than the regex \d{19} (which restarts at every digit).
@@ -136,10 +131,11 @@ def has_long_number(data: bytes) -> bool:
 def fast_json_loads(text, may_have_long_numbers: bool = True):
     """json.loads, through orjson when it can: same value for every input json accepts.
     may_have_long_numbers=False: the caller has checked `has_long_number` (on a whole batch)."""
-    if _fast_loads is not None and not (may_have_long_numbers and has_long_number(
-            text if isinstance(text, bytes) else text.encode())):
+    # orjson parses 3x faster; anything it refuses goes to json, whose behaviour (NaN, big
+    # integers, raw control characters) and error messages are the reference.
+    if not (may_have_long_numbers and has_long_number(text if isinstance(text, bytes) else text.encode())):
         try:
-            return _fast_loads(text)
+            return orjson.loads(text)
         except ValueError:
             pass
     return json.loads(text, strict=False)

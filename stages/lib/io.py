@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import orjson
+
 
 class OutputError(OSError):
     """An output could not be written (read-only directory, disk full, ...)."""
@@ -40,19 +42,10 @@ def dumps_record(obj: Any) -> str:
     writes "1e+16"), NaN and infinities as null. What orjson refuses (integers beyond 64 bits,
     lone surrogates, non-string keys) goes to json.
     """
-    if _orjson_dumps is not None:
-        try:
-            return _orjson_dumps(obj, option=_SORT_KEYS).decode("utf-8")
-        except TypeError:
-            pass
-    return json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-
-
-try:
-    from orjson import OPT_SORT_KEYS as _SORT_KEYS
-    from orjson import dumps as _orjson_dumps
-except ImportError:  # pragma: no cover
-    _orjson_dumps = None
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS).decode("utf-8")
+    except TypeError:
+        return json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 
 
 @contextlib.contextmanager

@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+import orjson
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -18,16 +20,10 @@ def record_id(messages: list[dict]) -> str:
     made by orjson when it can: for lists of strings its bytes are the same (tests/test_records.py)."""
     pairs = [[m["role"], m["content"]] for m in messages]
     try:
-        canonical = _orjson_dumps(pairs)
-    except (TypeError, NameError):   # a lone surrogate, or no orjson: json decides, as before
+        canonical = orjson.dumps(pairs)
+    except TypeError:   # a lone surrogate: json decides, as before
         canonical = json.dumps(pairs, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     return hashlib.sha256(canonical).hexdigest()[:16]
-
-
-try:
-    from orjson import dumps as _orjson_dumps
-except ImportError:  # pragma: no cover
-    pass
 
 
 def make_record(messages: list[dict], source: dict, meta: dict | None = None) -> dict:
