@@ -134,4 +134,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from stages.lib.stage import run_stage
+
+    sys.exit(run_stage("evaluate", main))

@@ -97,7 +97,8 @@ def load_models(params, which: str) -> list[Loaded]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.lib.export import merge_dtype, stop_ids
+    from stages.lib.chat import stop_ids
+    from stages.lib.export import merge_dtype
     from stages.lib.modeling import load_model, load_tokenizer, resolve_base_model
 
     cuda = torch.cuda.is_available()
@@ -282,4 +283,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from stages.lib.stage import run_stage
+
+    sys.exit(run_stage("generate", main))

@@ -253,4 +253,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from stages.lib.stage import run_stage
+
+    sys.exit(run_stage("pr-report", main))

@@ -74,7 +74,7 @@ def _main(stack) -> int:
         return 1
     hasher = minhash.MinHasher(dedup.num_perm, dedup.shingle_size, dedup.seed)
     layout = splitting.group_layout(n_hint, params.group_threshold, dedup.num_perm)
-    word_counts = {role: audit.WordFrequency() for role in splitting.ROLES}
+    word_counts = {role: audit.WordFrequency() for role in splitting.COMPARED_ROLES}
     scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="split-tokens-"))
     try:
         with bar("split: index", n_hint) as progress:
@@ -189,4 +189,6 @@ def _main(stack) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from stages.lib.stage import run_stage
+
+    sys.exit(run_stage("split", main))

@@ -39,7 +39,8 @@ def main() -> int:
         return _relaunch_with_accelerate(params.train.num_processes)
 
     from stages.lib.modeling import ModelError
-    from stages.lib.training import TemplateError, TrainError, run_training
+    from stages.lib.chat import TemplateError
+    from stages.lib.training import TrainError, run_training
 
     try:
         report = run_training(params, train_path=TRAIN, validation_path=VALIDATION,
@@ -55,4 +56,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from stages.lib.stage import run_stage
+
+    sys.exit(run_stage("train", main))

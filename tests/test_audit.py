@@ -36,7 +36,7 @@ def _audit(records, test_rows, tmp_path, n=13, max_df=0.01):
     path = tmp_path / "r.jsonl"
     write_jsonl(path, records)
     hasher = minhash.MinHasher(64, 3, 1)
-    counts = {role: audit.WordFrequency() for role in splitting.ROLES}
+    counts = {role: audit.WordFrequency() for role in splitting.COMPARED_ROLES}
     index = splitting.build_index(path, hasher, None, None, splitting.TokenStore(tmp_path), observers=counts)
     sides = np.zeros(len(records), dtype=np.int8)
     sides[list(test_rows)] = splitting.TEST

@@ -67,7 +67,7 @@ def test_export_params_defaults_and_errors():
 
 
 def test_end_of_turn_ids_follow_the_chat_template(smollm2_tokenizer):
-    from stages.lib.export import end_of_turn_ids
+    from stages.lib.chat import end_of_turn_ids
 
     assert end_of_turn_ids(smollm2_tokenizer) == [smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>")]
     # A template that ends turns with another special token (as Llama 3 ends them with

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stages.lib.formats import (InputError, RowError, detect_format, kept_columns, list_input_files, read_csv,
-                                read_json, read_jsonl, read_parquet, read_rows, to_messages)
+from stages.lib.formats import (InputError, RowError, detect_format, kept_columns, list_input_files, read_csv_rows,
+                                read_json_rows, read_jsonl_rows, read_parquet_rows, read_rows, to_messages)
 from stages.lib.params import FieldMapping
 
 BAD = Path(__file__).parent / "data" / "bad"
@@ -28,14 +28,14 @@ def _reasons(rows):
 
 
 def test_jsonl_invalid_json_is_reported_with_line_and_column():
-    rows = _rows(read_jsonl, BAD / "invalid_json.jsonl")
+    rows = _rows(read_jsonl_rows, BAD / "invalid_json.jsonl")
     assert [r.line for r in rows] == [1, 2, 3, 4, 5]
     assert _reasons(rows) == {2: "invalid JSON: Expecting ',' delimiter (column 49)",
                               4: "invalid JSON: Expecting value (column 1)"}
 
 
 def test_jsonl_truncated_last_line_says_so():
-    rows = _rows(read_jsonl, BAD / "truncated_last_line.jsonl")
+    rows = _rows(read_jsonl_rows, BAD / "truncated_last_line.jsonl")
     assert rows[-1].error.kind == "truncated" and "truncated" in str(rows[-1].error)
     assert rows[-1].line == 3 and all(r.row for r in rows[:2])
 
@@ -43,36 +43,36 @@ def test_jsonl_truncated_last_line_says_so():
 def test_jsonl_last_line_without_newline_is_fine_when_complete(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text('{"a": 1}\n{"a": 2}')
-    assert [r.row for r in _rows(read_jsonl, path)] == [{"a": 1}, {"a": 2}]
+    assert [r.row for r in _rows(read_jsonl_rows, path)] == [{"a": 1}, {"a": 2}]
 
 
 def test_jsonl_not_utf8_gives_the_byte_position():
-    rows = _rows(read_jsonl, BAD / "not_utf8.jsonl")
+    rows = _rows(read_jsonl_rows, BAD / "not_utf8.jsonl")
     assert _reasons(rows) == {2: "not UTF-8 at byte 47", 3: "not UTF-8 at byte 1"}
     assert "\\xe9" in rows[1].excerpt()  # the raw excerpt shows the bad byte
 
 
 def test_jsonl_bom_crlf_and_blank_lines():
-    rows = list(read_jsonl(BAD / "bom_crlf.jsonl", "bom_crlf.jsonl"))
+    rows = list(read_jsonl_rows(BAD / "bom_crlf.jsonl", "bom_crlf.jsonl"))
     assert [r.line for r in rows if not r.blank] == [1, 2, 4]
     assert [r.line for r in rows if r.blank] == [3]
     assert all(r.row and r.error is None for r in rows if not r.blank)
 
 
 def test_jsonl_deep_nesting_is_a_row_error_not_a_crash():
-    rows = _rows(read_jsonl, BAD / "deeply_nested.jsonl")
+    rows = _rows(read_jsonl_rows, BAD / "deeply_nested.jsonl")
     assert _reasons(rows) == {2: "invalid JSON: nested too deeply", 3: "invalid JSON: nested too deeply"}
 
 
 def test_jsonl_non_object_rows_are_rejected():
-    rows = _rows(read_jsonl, BAD / "wrong_types.jsonl")
+    rows = _rows(read_jsonl_rows, BAD / "wrong_types.jsonl")
     assert _reasons(rows) == {7: "expected a JSON object, got a list", 8: "expected a JSON object, got text"}
 
 
 def test_excerpt_is_truncated(tmp_path):
     path = tmp_path / "big.jsonl"
     path.write_text("{" + "x" * 5000 + "\n")
-    (row,) = _rows(read_jsonl, path)
+    (row,) = _rows(read_jsonl_rows, path)
     assert len(row.excerpt()) < 600 and row.excerpt().endswith("(5001 characters)")
 
 
@@ -85,7 +85,7 @@ def test_jsonl_any_bytes_either_parse_or_are_reported(tmp_path, chunks):
     data = b"\n".join(chunks)
     path = tmp_path / "fuzz.jsonl"
     path.write_bytes(data)
-    rows = list(read_jsonl(path, "fuzz.jsonl"))
+    rows = list(read_jsonl_rows(path, "fuzz.jsonl"))
     physical = data.split(b"\n") if data else []
     if physical and physical[-1] == b"":
         physical.pop()
@@ -103,7 +103,7 @@ def test_jsonl_any_bytes_either_parse_or_are_reported(tmp_path, chunks):
 def test_json_array_is_streamed_with_line_numbers(tmp_path):
     path = tmp_path / "a.json"
     path.write_text('[\n  {"q": 1},\n  {"q": 2,\n   "r": 3},\n  "oops",\n  {"q": 4}\n]\n')
-    rows = _rows(read_json, path)
+    rows = _rows(read_json_rows, path)
     assert [(r.line, r.row) for r in rows] == [(2, {"q": 1}), (3, {"q": 2, "r": 3}), (5, None), (6, {"q": 4})]
     assert rows[2].error.kind == "not_an_object"
 
@@ -111,7 +111,7 @@ def test_json_array_is_streamed_with_line_numbers(tmp_path):
 def test_json_array_with_a_broken_element_reports_and_stops(tmp_path):
     path = tmp_path / "a.json"
     path.write_text('[{"q": 1},\n {"q": 2 "r": 3},\n {"q": 4}]')
-    rows = _rows(read_json, path)
+    rows = _rows(read_json_rows, path)
     assert rows[0].row == {"q": 1}
     assert rows[1].line == 2 and rows[1].error.kind == "invalid_json"
     assert "the rest of the file could not be read" in str(rows[1].error) and len(rows) == 2
@@ -120,7 +120,7 @@ def test_json_array_with_a_broken_element_reports_and_stops(tmp_path):
 def test_json_truncated_array(tmp_path):
     path = tmp_path / "a.json"
     path.write_text('[{"q": 1},\n {"q": 2}')
-    rows = _rows(read_json, path)
+    rows = _rows(read_json_rows, path)
     assert rows[-1].error.kind == "truncated"
 
 
@@ -131,28 +131,28 @@ def test_json_array_larger_than_the_read_buffer(tmp_path, monkeypatch):
     items = [{"q": "x" * (i % 50), "n": 123456789 + i} for i in range(200)]
     path = tmp_path / "a.json"
     path.write_text(json.dumps(items, indent=1))
-    assert [r.row for r in _rows(read_json, path)] == items
+    assert [r.row for r in _rows(read_json_rows, path)] == items
 
 
 def test_json_wrapper_object_single_object_and_jsonl_in_json(tmp_path):
     wrapper = tmp_path / "w.json"
     wrapper.write_text(json.dumps({"version": 2, "data": [{"q": 1}, {"q": 2}]}))
-    assert [(r.line, r.row) for r in _rows(read_json, wrapper)] == [(1, {"q": 1}), (2, {"q": 2})]
+    assert [(r.line, r.row) for r in _rows(read_json_rows, wrapper)] == [(1, {"q": 1}), (2, {"q": 2})]
     single = tmp_path / "s.json"
     single.write_text('\ufeff{"messages": []}')
-    assert [r.row for r in _rows(read_json, single)] == [{"messages": []}]
+    assert [r.row for r in _rows(read_json_rows, single)] == [{"messages": []}]
     lines = tmp_path / "l.json"
     lines.write_text('{"q": 1}\n{"q": 2}\n')
-    assert [(r.line, r.row) for r in _rows(read_json, lines)] == [(1, {"q": 1}), (2, {"q": 2})]
+    assert [(r.line, r.row) for r in _rows(read_json_rows, lines)] == [(1, {"q": 1}), (2, {"q": 2})]
 
 
 def test_json_empty_and_garbage(tmp_path):
     empty = tmp_path / "e.json"
     empty.write_text("  \n")
-    assert _rows(read_json, empty) == []
+    assert _rows(read_json_rows, empty) == []
     junk = tmp_path / "j.json"
     junk.write_text("{not json")
-    (row,) = _rows(read_json, junk)
+    (row,) = _rows(read_json_rows, junk)
     assert row.error.kind == "invalid_json"
 
 
@@ -162,7 +162,7 @@ def test_json_reader_never_raises_on_bad_bytes(tmp_path, data):
     path = tmp_path / "fuzz.json"
     path.write_bytes(data)
     try:
-        rows = _rows(read_json, path)
+        rows = _rows(read_json_rows, path)
     except InputError:
         return
     assert all((r.row is None) != (r.error is None) for r in rows)
@@ -172,7 +172,7 @@ def test_json_reader_never_raises_on_bad_bytes(tmp_path, data):
 
 
 def test_csv_ragged_rows_and_multiline_fields():
-    rows = _rows(read_csv, BAD / "ragged.csv")
+    rows = _rows(read_csv_rows, BAD / "ragged.csv")
     assert [r.line for r in rows] == [2, 3, 4, 5, 7]
     assert _reasons(rows) == {3: "has 4 fields, the header has 3", 4: "has 1 field, the header has 3"}
     assert rows[3].row == {"question": "A question that spans\ntwo lines?", "answer": "Yes, it works.", "topic": "misc"}
@@ -181,19 +181,19 @@ def test_csv_ragged_rows_and_multiline_fields():
 def test_csv_bom_not_utf8_and_duplicate_header(tmp_path):
     path = tmp_path / "a.csv"
     path.write_bytes(b"\xef\xbb\xbfq,a\r\nfine,yes\r\nbad \xff byte,no\r\n")
-    rows = _rows(read_csv, path)
+    rows = _rows(read_csv_rows, path)
     assert rows[0].row == {"q": "fine", "a": "yes"}
     assert _reasons(rows) == {3: "not UTF-8 at byte 5"}
     dup = tmp_path / "d.csv"
     dup.write_text("q,q\n1,2\n")
     with pytest.raises(InputError, match="repeats column"):
-        _rows(read_csv, dup)
+        _rows(read_csv_rows, dup)
 
 
 def test_csv_huge_field_is_read(tmp_path):
     path = tmp_path / "big.csv"
     path.write_text("q,a\n" + "x" * 300_000 + ",y\n")
-    (row,) = _rows(read_csv, path)
+    (row,) = _rows(read_csv_rows, path)
     assert len(row.row["q"]) == 300_000
 
 
@@ -203,7 +203,7 @@ def test_csv_reader_never_raises_on_bad_bytes(tmp_path, data):
     path = tmp_path / "fuzz.csv"
     path.write_bytes(data)
     try:
-        rows = _rows(read_csv, path)
+        rows = _rows(read_csv_rows, path)
     except InputError:
         return
     assert all((r.row is None) != (r.error is None) for r in rows)
@@ -220,7 +220,7 @@ def test_parquet_rows_in_batches(tmp_path):
     table = pa.table({"messages": [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]
                                    for i in range(10)], "n": list(range(10))})
     pq.write_table(table, path, row_group_size=3)
-    rows = list(read_parquet(path, "a.parquet", batch_size=4))
+    rows = list(read_parquet_rows(path, "a.parquet", batch_size=4))
     assert [r.line for r in rows] == list(range(1, 11))
     assert rows[9].row["messages"][0] == {"role": "user", "content": "q9"}
 
@@ -229,7 +229,7 @@ def test_corrupt_parquet_is_a_clear_input_error(tmp_path):
     path = tmp_path / "bad.parquet"
     path.write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(InputError, match="not a readable Parquet file"):
-        list(read_parquet(path, "bad.parquet"))
+        list(read_parquet_rows(path, "bad.parquet"))
 
 
 # --- Files ---------------------------------------------------------------------------------
@@ -335,7 +335,7 @@ def test_kept_columns_are_json_safe():
 
 
 def test_fast_json_loads_keeps_big_integers_exact():
-    from stages.lib.formats import fast_json_loads
+    from stages.lib.io import fast_json_loads
 
     for text in ['{"n": 12345678901234567890123}', '{"n": -9223372036854775809}', '{"n": 1234567890123456789}']:
         assert fast_json_loads(text) == json.loads(text)

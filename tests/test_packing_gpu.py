@@ -49,7 +49,8 @@ def _trainer(tmp_path):
 
     from stages.lib.modeling import ResolvedModel, load_model
     from stages.lib.params import TrainParams
-    from stages.lib.training import PACKED_ATTENTION, build_trainer, resolve_plan, varlen_available
+    from stages.lib.packing import PACKED_ATTENTION, varlen_available
+    from stages.lib.training import build_trainer, resolve_plan
 
     _tiny_llama(tmp_path / "model")
     vocab = {f"t{i}": i for i in range(512)}

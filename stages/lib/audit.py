@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stages.lib import minhash
-from stages.lib.splitting import (ROLES, TEST, SplitIndex, all_pairs_above, batch_document_counts, distinct_per_text,
+from stages.lib.splitting import (COMPARED_ROLES, TEST, SplitIndex, all_pairs_above, batch_document_counts, distinct_per_text,
                                   select_texts, unique_counts)
 from stages.lib.text import word_bytes
 
@@ -261,7 +261,7 @@ def ngram_checks(index: SplitIndex, sides: np.ndarray, n: int, max_df: float,
                  word_counts: dict, hasher: minhash.WordHasher) -> dict[str, "NgramCheck"]:
     """Run the n-gram check of each role over the index's token store: test rows first, then
     the others (two sequential reads of the store; no JSON is parsed)."""
-    checks = {role: NgramCheck(role, n, hasher, word_counts[role].frequent(max_df)) for role in ROLES}
+    checks = {role: NgramCheck(role, n, hasher, word_counts[role].frequent(max_df)) for role in COMPARED_ROLES}
     is_test = sides == TEST
     for role, check in checks.items():
         for want_test in (True, False):

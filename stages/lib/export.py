@@ -19,6 +19,7 @@ import os
 import sys
 from pathlib import Path
 
+from stages.lib.chat import end_of_turn_ids, stop_ids
 from stages.lib.io import atomic_dir, write_text
 
 # GGUF type name -> (GGMLQuantizationType name, LlamaFileType name) in the gguf package.
@@ -37,39 +38,6 @@ FP32_MAX_LOGIT_DIFF = 1e-3
 
 class ExportError(RuntimeError):
     """The model cannot be exported as asked; the message says why and what to do."""
-
-
-# --------------------------------------------------------------------------------------------
-# Stop tokens
-
-
-def end_of_turn_ids(tokenizer) -> list[int]:
-    """Token ids that end an assistant turn: the tokenizer's eos plus the special token the chat
-    template writes right after an assistant message (<|im_end|> for ChatML, <|eot_id|> for
-    Llama 3). Without the latter in generation_config.json, tools that stop at `eos_token_id`
-    only would let the model run on into a made-up next user turn."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    probe = "XQZPROBE"
-    try:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}], tokenize=False)
-    except Exception:  # a template that refuses this shape: fall back to eos alone
-        text = ""
-    if probe in text:
-        after = text[text.rindex(probe) + len(probe):]
-        following = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
-        special = set(tokenizer.all_special_ids) | {
-            i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-        if following and following[0] in special:
-            ids.append(following[0])
-    return sorted(set(ids))
-
-
-def stop_ids(model, tokenizer) -> list[int]:
-    """Every id generation should stop at: the generation config's eos ids and the turn ends."""
-    configured = model.generation_config.eos_token_id
-    configured = configured if isinstance(configured, list) else [configured]
-    return sorted({i for i in [*configured, *end_of_turn_ids(tokenizer)] if isinstance(i, int)})
 
 
 # --------------------------------------------------------------------------------------------

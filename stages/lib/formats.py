@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import orjson
+from stages.lib.io import fast_json_loads, has_long_number
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "columns")
@@ -103,42 +103,18 @@ def display_name(path: Path, root: Path) -> str:
 def read_rows(path: Path, name: str) -> Iterator[RawRow]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return read_jsonl(path, name)
+        return read_jsonl_rows(path, name)
     if suffix == ".json":
-        return read_json(path, name)
+        return read_json_rows(path, name)
     if suffix == ".csv":
-        return read_csv(path, name)
+        return read_csv_rows(path, name)
     if suffix == ".parquet":
-        return read_parquet(path, name)
+        return read_parquet_rows(path, name)
     raise InputError(f"{name}: unsupported file type {suffix!r}")
 
 
 # --------------------------------------------------------------------------------------------
 # JSON Lines
-
-
-# orjson turns integers beyond 64 bits into floats (losing digits); json keeps them exact. A line
-# with a run of 19+ digits goes to json. Found by mapping digits to "0" and everything else to a
-# space, then a substring search: 15x faster than the regex \d{19} (which restarts at every digit).
-_DIGITS_ONLY = bytes.maketrans(bytes(range(256)), bytes(0x30 if 0x30 <= c <= 0x39 else 0x20 for c in range(256)))
-_LONG_RUN = b"0" * 19
-
-
-def has_long_number(data: bytes) -> bool:
-    return _LONG_RUN in data.translate(_DIGITS_ONLY)
-
-
-def fast_json_loads(text, may_have_long_numbers: bool = True):
-    """json.loads, through orjson when it can: same value for every input json accepts.
-    may_have_long_numbers=False: the caller has checked `has_long_number` (on a whole batch)."""
-    # orjson parses 3x faster; anything it refuses goes to json, whose behaviour (NaN, big
-    # integers, raw control characters) and error messages are the reference.
-    if not (may_have_long_numbers and has_long_number(text if isinstance(text, bytes) else text.encode())):
-        try:
-            return orjson.loads(text)
-        except ValueError:
-            pass
-    return json.loads(text, strict=False)
 
 
 def parse_json_object(text: str, may_have_long_numbers: bool = True) -> dict:
@@ -156,7 +132,7 @@ def parse_json_object(text: str, may_have_long_numbers: bool = True) -> dict:
     return value
 
 
-def read_jsonl(path: Path, name: str) -> Iterator[RawRow]:
+def read_jsonl_rows(path: Path, name: str) -> Iterator[RawRow]:
     with open(path, "rb") as handle:
         for number, line in enumerate(handle, 1):
             yield jsonl_row(name, number, line)
@@ -276,7 +252,7 @@ class _JsonStream:
             return value
 
 
-def read_json(path: Path, name: str) -> Iterator[RawRow]:
+def read_json_rows(path: Path, name: str) -> Iterator[RawRow]:
     """A JSON array of objects (streamed element by element), JSON Lines saved as .json, or
     one object: a single row, or a wrapper such as {"data": [...]} holding the rows."""
     try:
@@ -387,7 +363,7 @@ def _object_row(value: Any, name: str, line: int) -> RawRow:
 # CSV
 
 
-def read_csv(path: Path, name: str) -> Iterator[RawRow]:
+def read_csv_rows(path: Path, name: str) -> Iterator[RawRow]:
     # Fields of several MB are legitimate (long documents); the csv default limit is 128 kB.
     csv.field_size_limit(2**31 - 1)
     bad_bytes: dict[int, int] = {}   # physical line -> 1-based byte of the first bad byte
@@ -449,7 +425,7 @@ def read_csv(path: Path, name: str) -> Iterator[RawRow]:
 # Parquet
 
 
-def read_parquet(path: Path, name: str, batch_size: int = 4096) -> Iterator[RawRow]:
+def read_parquet_rows(path: Path, name: str, batch_size: int = 4096) -> Iterator[RawRow]:
     import pyarrow.parquet as pq  # heavy: only when a Parquet file is read
 
     try:

@@ -5,7 +5,7 @@ import math
 import sys
 from pathlib import Path
 
-from stages.lib.training import tokenize_conversation
+from stages.lib.chat import render_prompt, stop_ids, tokenize_conversation
 
 
 def load_for_inference(params, adapter_dir: Path | None = None):
@@ -44,15 +44,10 @@ def generate(model, tokenizer, conversations: list[list[dict]], *, max_new_token
     from tqdm import tqdm
 
     tokenizer.padding_side = "left"
-    prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-               for c in conversations]
+    prompts = [render_prompt(tokenizer, c) for c in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[str] = [""] * len(prompts)
-    # Stop at the tokenizer's end-of-turn token and at every eos the model's generation config
-    # names (Llama 3 lists both <|end_of_text|> and <|eot_id|>).
-    configured = model.generation_config.eos_token_id
-    configured = configured if isinstance(configured, list) else [configured]
-    stop_ids = sorted({i for i in [tokenizer.eos_token_id, *configured] if isinstance(i, int)})
+    stops = stop_ids(model, tokenizer)
     with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, file=sys.stderr) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
@@ -60,7 +55,7 @@ def generate(model, tokenizer, conversations: list[list[dict]], *, max_new_token
                               add_special_tokens=False).to(_device(model))
             generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                        temperature=None, top_p=None, top_k=None,
-                                       eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+                                       eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
             new_tokens = generated[:, batch["input_ids"].shape[1]:]
             for index, tokens in zip(chunk, new_tokens):
                 outputs[index] = tokenizer.decode(tokens, skip_special_tokens=True).strip()

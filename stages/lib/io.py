@@ -1,4 +1,4 @@
-"""Atomic output and JSONL helpers.
+"""All record I/O: the JSON/JSONL readers and writers every stage uses, and atomic outputs.
 
 Every output is written to a temporary file next to its target and moved into place with
 `os.replace`, so a killed stage leaves either the old file or no file, never a half-written one
@@ -108,6 +108,30 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
+
+
+# orjson turns integers beyond 64 bits into floats (losing digits); json keeps them exact. A line
+# with a run of 19+ digits goes to json. Found by mapping digits to "0" and everything else to a
+# space, then a substring search: 15x faster than the regex \d{19} (which restarts at every digit).
+_DIGITS_ONLY = bytes.maketrans(bytes(range(256)), bytes(0x30 if 0x30 <= c <= 0x39 else 0x20 for c in range(256)))
+_LONG_RUN = b"0" * 19
+
+
+def has_long_number(data: bytes) -> bool:
+    return _LONG_RUN in data.translate(_DIGITS_ONLY)
+
+
+def fast_json_loads(text, may_have_long_numbers: bool = True):
+    """json.loads, through orjson when it can: same value for every input json accepts.
+    may_have_long_numbers=False: the caller has checked `has_long_number` (on a whole batch)."""
+    # orjson parses 3x faster; anything it refuses goes to json, whose behaviour (NaN, big
+    # integers, raw control characters) and error messages are the reference.
+    if not (may_have_long_numbers and has_long_number(text if isinstance(text, bytes) else text.encode())):
+        try:
+            return orjson.loads(text)
+        except ValueError:
+            pass
+    return json.loads(text, strict=False)
 
 
 @contextlib.contextmanager

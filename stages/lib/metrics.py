@@ -28,8 +28,9 @@ LOWER_IS_BETTER = ("loss", "perplexity", "general_perplexity", "empty_output_rat
 
 # --- text normalisation and answer extraction ------------------------------------------------
 
-def normalize_text(text: str | None) -> str:
-    """Strip and collapse every run of whitespace to one space; None becomes ""."""
+def collapse_whitespace(text: str | None) -> str:
+    """Strip and collapse every run of whitespace to one space; None becomes "" (answers compare
+    equal regardless of spacing; `text.normalize_text` is the stored-text normalisation)."""
     return " ".join((text or "").split())
 
 
@@ -63,7 +64,7 @@ def extract_answer(text: str | None, pattern: str | re.Pattern) -> str | None:
     match = regex.search(text)
     if match is None or match.group(1) is None:
         return None
-    answer = normalize_text(match.group(1))
+    answer = collapse_whitespace(match.group(1))
     if answer and _NUMBER.fullmatch(answer) and any(ch.isdigit() for ch in answer):
         return _normalize_number(answer)
     return answer or None
@@ -127,7 +128,7 @@ def is_exact_match(pred: str | None, ref: str | None, extract: str | re.Pattern 
     pred_obj, ref_obj = _as_json_structure(pred), _as_json_structure(ref)
     if pred_obj is not None and ref_obj is not None:
         return _canonical(pred_obj) == _canonical(ref_obj)
-    return normalize_text(pred) == normalize_text(ref)
+    return collapse_whitespace(pred) == collapse_whitespace(ref)
 
 
 def exact_match(preds: Sequence[str], refs: Sequence[str],
@@ -236,7 +237,7 @@ def schema_validator(schema: Mapping[str, Any]):
 
 def _field_equal(pred_value: Any, ref_value: Any) -> bool:
     if isinstance(pred_value, str) and isinstance(ref_value, str):
-        return normalize_text(pred_value) == normalize_text(ref_value)
+        return collapse_whitespace(pred_value) == collapse_whitespace(ref_value)
     return _canonical(pred_value) == _canonical(ref_value)
 
 

@@ -476,7 +476,7 @@ def read_batches(path, batch_size: int = 4096):
 
 def parse_batch(batch: LineBatch) -> list[dict]:
     """The records of a batch; RecordFileError names the first line that is not one."""
-    from stages.lib.formats import fast_json_loads, has_long_number
+    from stages.lib.io import fast_json_loads, has_long_number
 
     checked = not has_long_number(b"".join(batch.lines))   # one scan for the batch, not one per line
     records = []

@@ -46,8 +46,9 @@ def side_of(group_key: str, seed: int, test_fraction: float, validation_fraction
     return TRAIN
 
 
-ROLES = ("user", "assistant")
-_ROLE_NUMBER = {role: number for number, role in enumerate(ROLES)}
+# The roles whose text the leakage audit compares train against test (records.ROLES is every role).
+COMPARED_ROLES = ("user", "assistant")
+_ROLE_NUMBER = {role: number for number, role in enumerate(COMPARED_ROLES)}
 
 
 class TokenStore:
@@ -58,9 +59,9 @@ class TokenStore:
     def __init__(self, directory) -> None:
         from pathlib import Path
 
-        self.paths = {role: Path(directory) / f"{role}.u64" for role in ROLES}
+        self.paths = {role: Path(directory) / f"{role}.u64" for role in COMPARED_ROLES}
         self._files = {role: open(path, "wb") for role, path in self.paths.items()}
-        self._lengths = {role: minhash.GrowingArray(None, np.int64) for role in ROLES}
+        self._lengths = {role: minhash.GrowingArray(None, np.int64) for role in COMPARED_ROLES}
 
     def append(self, role: str, hashes: np.ndarray, lengths: np.ndarray) -> None:
         self._files[role].write(hashes.astype(np.uint64).tobytes())
@@ -182,7 +183,7 @@ def _batch_facts(batch: minhash.LineBatch, hasher: minhash.MinHasher, layout: Op
     signatures = hasher.signatures_from_word_hashes(word_hashes, record_length)
     token_role = np.repeat(message_role, message_length)
     keys, role_hashes, role_lengths, role_vocabulary = {}, {}, {}, {}
-    for number, role in enumerate(ROLES):
+    for number, role in enumerate(COMPARED_ROLES):
         mine = message_role == number
         role_lengths[role] = np.bincount(message_owner[mine], weights=message_length[mine],
                                          minlength=len(records)).astype(np.int64)
@@ -214,7 +215,7 @@ def build_index(path, hasher: minhash.MinHasher, layout: Optional[minhash.Bands]
     rows = expected_rows
     ids = minhash.GrowingArray(None, np.uint64, rows)
     offsets = minhash.GrowingArray(None, np.int64, rows)
-    keys = {role: minhash.GrowingArray(None, np.uint64, rows) for role in ROLES}
+    keys = {role: minhash.GrowingArray(None, np.uint64, rows) for role in COMPARED_ROLES}
     fingerprints = minhash.GrowingArray(hasher.num_perm, np.uint16, rows)
     band_keys = minhash.GrowingArray(layout.bands, np.uint32, rows) if layout else None
     group_values = []
@@ -225,7 +226,7 @@ def build_index(path, hasher: minhash.MinHasher, layout: Optional[minhash.Bands]
         fingerprints.extend(facts.fingerprints)
         if band_keys is not None:
             band_keys.extend(facts.band_keys)
-        for role in ROLES:
+        for role in COMPARED_ROLES:
             keys[role].extend(facts.keys[role])
             tokens.append(role, facts.role_hashes[role], facts.role_lengths[role])
             if observers:

@@ -1,4 +1,4 @@
-"""QLoRA training: tokenisation with an assistant-only loss mask, device plans, the TRL run.
+"""QLoRA training: the device plan, the token budget, the DVCLive curves and the TRL run.
 
 The same code path runs on CPU and CUDA; `plan_training` decides what differs (compute dtype,
 packing, gradient checkpointing, fused kernels) from the device and `train.profile`.
@@ -11,43 +11,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from stages.lib.chat import tokenize_conversation
 from stages.lib.io import read_jsonl
-
-
-
-class TemplateError(ValueError):
-    """The chat template does not render conversations prefix by prefix, so masks cannot be built."""
-
-
-def tokenize_conversation(tokenizer, messages: list[dict], max_length: int) -> dict | None:
-    """Token ids of the conversation in the model's own chat template, with a mask that is 1
-    exactly on the assistant turns' tokens, end-of-turn token included (so the model learns to
-    stop). Returns None when truncation to `max_length` leaves no assistant token to learn from.
-
-    The spans come from rendering the conversation prefix by prefix: the text an assistant turn
-    adds is what lies between "everything before it + generation prompt" and "everything up to
-    and including it". This works for any template that renders prefixes consistently (ChatML,
-    Llama 3, Mistral, ...) without `{% generation %}` markers, which most templates lack.
-    """
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = tokenizer.apply_chat_template(messages[:index], tokenize=False,
-                                               add_generation_prompt=True) if index else ""
-        through = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
-        if not (text.startswith(through) and through.startswith(before)):
-            raise TemplateError("the chat template does not render conversation prefixes "
-                                "consistently; cannot locate assistant turns for the loss mask")
-        spans.append((len(before), len(through)))
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    mask = [int(any(lo <= start < hi for lo, hi in spans)) for start, _ in encoded["offset_mapping"]]
-    input_ids = encoded["input_ids"][:max_length]
-    mask = mask[:max_length]
-    if not any(mask):
-        return None
-    return {"input_ids": input_ids, "assistant_masks": mask}
+from stages.lib.packing import PACKED_ATTENTION, register_packed_attention, varlen_available
 
 
 def build_dataset(records: list[dict], tokenizer, max_length: int):
@@ -71,7 +37,6 @@ def build_dataset(records: list[dict], tokenizer, max_length: int):
 # `fit_token_budget` to what the card's free memory holds.
 THROUGHPUT_TOKENS = 16384
 LOW_MEMORY_TOKENS = 6144
-PACKED_ATTENTION = "packed_varlen"  # registered by `register_packed_attention`
 
 
 @dataclass(frozen=True)
@@ -165,105 +130,6 @@ def fit_token_budget(plan: TrainingPlan, config, free_bytes: int, lora_dropout: 
     print(f"train: {plan.tokens_per_batch} tokens per micro-batch would not fit in "
           f"{free_bytes / 2**30:.1f} GiB free; using {max(fits, 1024)}", file=sys.stderr)
     return replace(plan, tokens_per_batch=max(fits, 1024))
-
-
-_VARLEN = None  # (varlen_attn, keyword arguments) once probed
-
-
-def _varlen_kernel():
-    """torch's varlen flash attention (torch >= 2.9), with the keywords this torch version spells
-    causality and grouped-query attention with; None where it is missing."""
-    global _VARLEN
-    if _VARLEN is None:
-        import inspect
-
-        try:
-            from torch.nn.attention.varlen import varlen_attn
-        except ImportError:
-            _VARLEN = (None, None)
-            return _VARLEN
-        params = inspect.signature(varlen_attn).parameters
-        if "is_causal" in params:
-            kwargs = {"is_causal": True}
-        elif "window_size" in params:
-            kwargs = {"window_size": (-1, 0)}
-        else:
-            _VARLEN = (None, None)
-            return _VARLEN
-        if "enable_gqa" in params:
-            kwargs["enable_gqa"] = True  # older versions take grouped k/v heads as they are (FA2 does)
-        _VARLEN = (varlen_attn, kwargs)
-    return _VARLEN
-
-
-def varlen_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available() and _varlen_kernel()[0] is not None
-
-
-def _cu_seqlens_from_positions(position_ids):
-    import torch
-
-    starts = (position_ids[0] == 0).nonzero().flatten()
-    total = torch.tensor([position_ids.shape[1]], device=starts.device)
-    cu = torch.cat([starts, total]).to(torch.int32)
-    return cu, int(cu.diff().max())
-
-
-def packed_varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Attention for transformers' AttentionInterface. A padding-free packed row (batch 1, no
-    attention mask, examples delimited by the `cu_seq_lens_q` that TRL's collator computes or by
-    restarting `position_ids`) goes to varlen flash attention: each example attends only to its
-    own earlier tokens, and no T x T mask is built. Without the CUDA kernel the same row gets an
-    explicit block-diagonal causal mask; any other batch goes to SDPA unchanged."""
-    import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
-    position_ids = kwargs.get("position_ids")
-    packed = query.shape[0] == 1 and attention_mask is None and (cu is not None or position_ids is not None)
-    if not packed:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
-    if cu is None:
-        cu, max_len = _cu_seqlens_from_positions(position_ids)
-    cu = cu.to(device=query.device, dtype=torch.int32)
-    kernel, kernel_kwargs = _varlen_kernel()
-    if kernel is None or not query.is_cuda:
-        length = query.shape[2]
-        example = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=query.device), cu.diff().long())
-        causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
-        mask = (causal & (example[:, None] == example[None, :]))[None, None]
-        kwargs = {k: v for k, v in kwargs.items() if k != "is_causal"}
-        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
-                                      is_causal=False, **kwargs)
-    # [1, heads, T, head_dim] -> [T, heads, head_dim]
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-    q, k, v = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v))
-    if max_len is None:
-        max_len = int(cu.diff().max())
-    out = kernel(q, k, v, cu, cu, int(max_len), int(max_len), scale=scaling, **kernel_kwargs)
-    return out.unsqueeze(0), None  # [1, T, heads, head_dim], as sdpa_attention_forward returns
-
-
-def _packed_attention_mask(*args, attention_mask=None, **kwargs):
-    # No mask for a padding-free row (the attention reads cu_seq_lens); a padded batch keeps SDPA's.
-    if attention_mask is None:
-        return None
-    from transformers.masking_utils import sdpa_mask
-
-    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
-
-
-def register_packed_attention() -> str | None:
-    """Register `packed_varlen_attention` with transformers under PACKED_ATTENTION; return the name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(PACKED_ATTENTION, packed_varlen_attention)
-    AttentionMaskInterface.register(PACKED_ATTENTION, _packed_attention_mask)
-    return PACKED_ATTENTION
 
 
 def peak_memory_bytes(cuda: bool) -> int:

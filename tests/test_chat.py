@@ -1,7 +1,7 @@
 """The assistant-only loss mask, on SmolLM2's real chat template."""
 import pytest
 
-from stages.lib.training import TemplateError, tokenize_conversation
+from stages.lib.chat import TemplateError, tokenize_conversation
 
 
 def _masked_text(tokenizer, row):

@@ -1,0 +1,64 @@
+"""The one wrapper every stage script runs under, so that failures look the same everywhere.
+
+    if __name__ == "__main__":
+        sys.exit(run_stage("clean", main))
+
+- `main` returns an exit status (0, or 1 after printing its own message) or raises.
+- An exception becomes one line on stderr, "<stage>: <message>", and exit status 1: a user
+  running `dvc repro` sees what went wrong, not a page of traceback. The full traceback is
+  printed with `--debug` on the command line or QLORA_DVC_DEBUG=1 in the environment.
+- Ctrl-C becomes "<stage>: interrupted" and exit status 130 (the shell's convention for SIGINT).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Callable
+
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "QLORA_DVC_DEBUG"
+
+
+class StageError(RuntimeError):
+    """A failure the stage explains itself: its message is all the user needs."""
+
+
+def debug_requested(argv: list[str] | None = None) -> bool:
+    argv = sys.argv[1:] if argv is None else argv
+    return DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def _one_line(exc: BaseException) -> str:
+    message = str(exc).strip()
+    if not message:
+        return type(exc).__name__
+    if isinstance(exc, (StageError, OSError, ValueError)) or type(exc).__module__.startswith("stages."):
+        return message
+    # An unexpected exception type: its name says more than a bare message ("KeyError: 'x'").
+    return f"{type(exc).__name__}: {message}"
+
+
+def run_stage(name: str, main: Callable[..., int | None], argv: list[str] | None = None) -> int:
+    """Run `main(argv)` (or `main()` when argv is None) and turn its outcome into an exit status.
+
+    `--debug` is taken out of argv before `main` sees it."""
+    debug = debug_requested(argv)
+    try:
+        if argv is None:
+            if DEBUG_FLAG in sys.argv[1:]:
+                sys.argv = [a for a in sys.argv if a != DEBUG_FLAG]
+            status = main()
+        else:
+            status = main([a for a in argv if a != DEBUG_FLAG])
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit:
+        raise  # argparse's --help and usage errors keep their own status
+    except Exception as exc:  # noqa: BLE001 - the point of the wrapper
+        if debug:
+            traceback.print_exc()
+        print(f"{name}: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    return 0 if status is None else int(status)

@@ -1,0 +1,98 @@
+"""dvc.yaml's code `deps` are exactly the project modules each stage's script imports.
+
+DVC re-runs a stage only when one of its `deps` changes, so a module the stage imports but does
+not list makes an edit to it re-run nothing, and a module listed but not imported re-runs the
+stage for nothing (the `evaluate_base` cache is the point of keeping it apart from training).
+Imports are read with `ast`, transitively, including the lazy ones inside functions.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("stages", "qlora_dvc")
+
+
+def _module_file(module: str) -> Path | None:
+    """The project file for a dotted module name (a module or a package's __init__), else None."""
+    if module.split(".")[0] not in PACKAGES:
+        return None
+    base = ROOT.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Dotted names of every module `path` imports, anywhere in the file (lazy imports included).
+    `from a.b import c` counts a.b, and a.b.c too when c is a module."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def project_imports(script: Path) -> set[str]:
+    """Repository-relative paths of the project files `script` imports, transitively, itself
+    included. Package __init__ files that hold no code (at most a docstring) are left out."""
+    seen: set[Path] = set()
+    todo = [script]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for module in _imported_modules(path):
+            found = _module_file(module)
+            if found is not None and found not in seen:
+                todo.append(found)
+    return {p.relative_to(ROOT).as_posix() for p in seen
+            if not (p.name == "__init__.py" and _only_docstring(p))}
+
+
+def _only_docstring(path: Path) -> bool:
+    body = ast.parse(path.read_text(encoding="utf-8")).body
+    return all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) for node in body)
+
+
+def _stages() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+
+
+def _script_of(stage: dict) -> Path:
+    # cmd: python -m stages.<name> [args]
+    words = stage["cmd"].split()
+    return _module_file(words[words.index("-m") + 1])
+
+
+@pytest.mark.parametrize("name", sorted(_stages()))
+def test_code_deps_are_the_modules_the_script_imports(name):
+    stage = _stages()[name]
+    listed = {d for d in stage["deps"] if str(d).endswith(".py")}
+    imported = project_imports(_script_of(stage))
+    assert listed == imported, (
+        f"dvc.yaml stage {name!r}: missing from deps {sorted(imported - listed)}, "
+        f"listed but not imported {sorted(listed - imported)}")
+
+
+def test_the_import_reader_sees_lazy_and_from_imports(tmp_path, monkeypatch):
+    # The walk must follow an import inside a function body and `from stages.lib import x`.
+    found = project_imports(ROOT / "stages/train.py")
+    assert "stages/lib/training.py" in found        # imported inside main()
+    assert "stages/lib/packing.py" in found         # only through training.py
+    assert "stages/lib/stage.py" in found           # inside `if __name__ == "__main__"`
+
+
+def test_generation_does_not_import_training():
+    # evaluate_base must stay cached when training code changes.
+    assert "stages/lib/training.py" not in project_imports(ROOT / "stages/lib/generation.py")
+    assert "stages/lib/training.py" not in project_imports(ROOT / "stages/evaluate.py")
