@@ -108,7 +108,7 @@ def test_export_without_adapter_is_a_one_line_error(tmp_path, monkeypatch, capsy
 
 
 def test_generate_arguments():
-    from stages.generate import parse_args
+    from qlora_dvc.generate import parse_args
 
     args = parse_args(["hello"])
     assert (args.prompt, args.model, args.max_new_tokens, args.temperature, args.interactive) == \
@@ -124,7 +124,7 @@ def test_generate_arguments():
 
 
 def test_generate_without_a_model_is_a_one_line_error(tmp_path, monkeypatch, capsys):
-    from stages import generate
+    from qlora_dvc import generate
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text("{}\n")
@@ -135,7 +135,7 @@ def test_generate_without_a_model_is_a_one_line_error(tmp_path, monkeypatch, cap
 
 
 def test_merged_is_current_compares_with_the_adapter(tmp_path):
-    from stages.generate import merged_is_current
+    from qlora_dvc.generate import merged_is_current
 
     merged, adapter = tmp_path / "merged", tmp_path / "adapter"
     assert not merged_is_current(merged, adapter)
@@ -151,7 +151,7 @@ def test_merged_is_current_compares_with_the_adapter(tmp_path):
 def test_chat_keeps_history_resets_and_ends_on_eof(monkeypatch, capsys):
     from types import SimpleNamespace
 
-    from stages import generate
+    from qlora_dvc import generate
 
     seen = []
 
@@ -413,7 +413,7 @@ def test_gguf_q8_0_reloads_within_tolerance(exported, merged):
 def test_generate_command_answers_with_the_merged_model(exported):
     project, _ = exported
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "stages.generate", "--model", "merged",
+    result = subprocess.run([sys.executable, "-m", "qlora_dvc", "generate", "--model", "merged",
                              "--max-new-tokens", "24", PROMPTS[0]],
                             cwd=project, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -424,7 +424,7 @@ def test_generate_command_answers_with_the_merged_model(exported):
 
 
 def test_generate_defaults_to_the_training_system_prompt(tmp_path):
-    from stages.generate import training_system_prompt
+    from qlora_dvc.generate import training_system_prompt
 
     split = tmp_path / "train.jsonl"
     assert training_system_prompt(split) is None  # no split yet

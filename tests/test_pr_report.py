@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.pr_report import dvc_executable
+from qlora_dvc.pr_report import dvc_executable
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def sh(cmd, cwd, check=True):
 def pr_report(cwd, *args):
     env = {**os.environ, "DVC_NO_ANALYTICS": "1",
            "PYTHONPATH": os.pathsep.join([str(PROJECT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "stages.pr_report", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "qlora_dvc", "pr-report", *args], cwd=cwd, env=env,
                           capture_output=True, text=True)
 
 
@@ -160,7 +160,7 @@ def test_not_a_dvc_project(tmp_path):
 
 
 def test_empty_dvc_table_means_nothing_changed():
-    from stages.pr_report import _table_or_none
+    from qlora_dvc.pr_report import _table_or_none
 
     header = "| Path   | Param   | HEAD   | workspace   |\n|--------|---------|--------|-------------|\n"
     assert _table_or_none(header) is None

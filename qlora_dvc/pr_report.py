@@ -1,6 +1,6 @@
 """Write a pull-request summary: what this workspace changed against a base git revision.
 
-    python -m stages.pr_report --base main [--out reports/pr_summary.md]
+    qlora-dvc pr-report --base main [--out reports/pr_summary.md]
 
 The summary has a headline table of the key task metrics (base model vs tuned, and tuned vs the
 tuned model at the base revision), the gates, `dvc metrics diff <base> --md`, `dvc params diff
@@ -170,7 +170,7 @@ def _plots(dvc: str, base: str, root: Path, plots_dir: Path) -> Path | None:
             if not (tmp / "index.html").is_file():
                 raise ReportError("dvc plots diff rendered no index.html")
     except ReportError as exc:
-        print(f"pr_report: no plots: {exc}", file=sys.stderr)
+        print(f"pr-report: no plots: {exc}", file=sys.stderr)
         return None
     return plots_dir / "index.html"
 
@@ -227,7 +227,7 @@ def build_summary(base: str, out: Path, *, metrics_file: str = "reports/eval.jso
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.pr_report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="qlora-dvc pr-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="main", help="git revision to compare with (default: main)")
     parser.add_argument("--out", default="reports/pr_summary.md", help="markdown file to write")
     parser.add_argument("--metrics-file", default="reports/eval.json")
@@ -246,13 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                              plots_link=args.plots_link, note=args.note)
         write_text(out, text)
     except (ReportError, OSError) as exc:
-        print(f"pr_report: {exc}", file=sys.stderr)
+        print(f"pr-report: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {out}")
     return 0
 
-
-if __name__ == "__main__":
-    from stages.lib.stage import run_stage
-
-    sys.exit(run_stage("pr-report", main))

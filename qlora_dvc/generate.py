@@ -1,9 +1,9 @@
 """Try the model from the command line, with the chat template applied and the answer streamed.
 
-    python -m stages.generate "My order arrived broken"          # the fine-tuned model
-    python -m stages.generate --model both "My order ..."        # base, then tuned, labelled
-    python -m stages.generate -i                                 # multi-turn chat (/reset, /exit)
-    echo "My order arrived broken" | python -m stages.generate -  # the prompt from stdin
+    qlora-dvc generate "My order arrived broken"          # the fine-tuned model
+    qlora-dvc generate --model both "My order ..."        # base, then tuned, labelled
+    qlora-dvc generate -i                                 # multi-turn chat (/reset, /exit)
+    echo "My order arrived broken" | qlora-dvc generate -  # the prompt from stdin
 
 Run it from the project root (it reads params.yaml for model.base). `tuned` is models/merged when
 the export stage has written it and it is newer than the adapter (one plain model: fastest),
@@ -49,7 +49,7 @@ def _temperature(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m stages.generate",
+        prog="qlora-dvc generate",
         description="Answer a prompt with the fine-tuned model (chat template applied, streamed).")
     parser.add_argument("prompt", nargs="?", help="the user message; '-' reads it from stdin")
     parser.add_argument("--model", choices=MODELS, default="tuned",
@@ -281,8 +281,3 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     return 0
 
-
-if __name__ == "__main__":
-    from stages.lib.stage import run_stage
-
-    sys.exit(run_stage("generate", main))

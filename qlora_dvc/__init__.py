@@ -1,0 +1,1 @@
+"""User commands of the qlora-dvc project (not DVC stages): `qlora-dvc <command>`, see cli.py."""
