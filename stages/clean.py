@@ -25,7 +25,7 @@ def main() -> int:
     from stages.lib.progress import progress_bar
 
     try:
-        params = load_params()
+        params = load_params(stage="clean")
         raw_path = resolve_data_path(params.data.raw)
     except (ParamsError, ValueError) as exc:
         print(f"clean: {exc}", file=sys.stderr)

@@ -34,7 +34,7 @@ def main() -> int:
     from stages.lib.progress import progress_bar
 
     try:
-        params = load_params().dedup
+        params = load_params(stage="dedup").dedup
     except ParamsError as exc:
         print(f"dedup: {exc}", file=sys.stderr)
         return 1

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=("base", "tuned"), required=True)
     args = parser.parse_args(argv)
     try:
-        params = load_params()
+        params = load_params(stage="evaluate_base" if args.model == "base" else "evaluate")
     except ParamsError as exc:
         print(exc, file=sys.stderr)
         return 1

@@ -23,7 +23,7 @@ REPORT = Path("reports/export.json")
 
 def main() -> int:
     try:
-        params = load_params()
+        params = load_params(stage="export")
     except ParamsError as exc:
         print(exc, file=sys.stderr)
         return 1

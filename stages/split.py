@@ -58,7 +58,7 @@ def _main(stack) -> int:
     from stages.lib.progress import progress_bar
 
     try:
-        all_params = load_params()
+        all_params = load_params(stage="split")
     except ParamsError as exc:
         print(f"split: {exc}", file=sys.stderr)
         return 1

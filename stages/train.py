@@ -31,7 +31,7 @@ def _relaunch_with_accelerate(num_processes: int) -> int:
 
 def main() -> int:
     try:
-        params = load_params()
+        params = load_params(stage="train")
     except ParamsError as exc:
         print(exc, file=sys.stderr)
         return 1

@@ -200,13 +200,19 @@ def test_clean_stage_errors_are_one_clear_message(tmp_path, setup, phrases):
 
 
 def test_dedup_and_split_errors_are_clear(tmp_path):
-    project = _project(tmp_path, lines=_rows(30), split__group_by="conversation")
+    project = _project(tmp_path, lines=_rows(30), split__group_by="conversation", data__keep_columns=["conversation"])
     _fails_cleanly(_stage(project, "dedup"), "data/clean/records.jsonl: not found", "run the previous stage")
     _fails_cleanly(_stage(project, "split"), "data/dedup/records.jsonl: not found")
     _ok(project, "clean", "dedup")
-    _fails_cleanly(_stage(project, "split"), "split.group_by is 'conversation'", "data.keep_columns")
+    # The column is kept but no row has it.
+    _fails_cleanly(_stage(project, "split"), "split.group_by is 'conversation'", "no record has meta.conversation")
     (project / "data/dedup/records.jsonl").write_text('{"id": "x"\n')
     _fails_cleanly(_stage(project, "split"), "line 1: not a record this pipeline wrote")
+    # A group_by column that clean does not keep is a params error, reported before any work.
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["data"]["keep_columns"] = []
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    _fails_cleanly(_stage(project, "split"), "split.group_by: 'conversation' must be one of data.keep_columns")
 
 
 def test_split_fails_naming_leaked_pairs(tmp_path):

@@ -1,6 +1,10 @@
+from pathlib import Path
+
 import pytest
 
 from stages.lib.params import ParamsError, load_params, validate_params
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_params_are_valid():
@@ -61,4 +65,112 @@ def test_load_params_errors(tmp_path):
 def test_early_stopping_needs_a_checkpoint_at_every_evaluation():
     with pytest.raises(ParamsError, match="save_steps .8. to be a multiple of train.eval_steps .20."):
         validate_params({"train": {"early_stopping_patience": 2, "save_steps": 8, "eval_steps": 20}})
-    assert validate_params({"train": {"early_stopping_patience": 2, "save_steps": 20, "eval_steps": 10}})
+    assert validate_params({"train": {"early_stopping_patience": 2, "save_steps": 20, "eval_steps": 10},
+                            "split": {"validation_fraction": 0.1}})
+    with pytest.raises(ParamsError, match=r"early_stopping_patience needs split.validation_fraction > 0"):
+        validate_params({"train": {"early_stopping_patience": 2, "save_steps": 20, "eval_steps": 10},
+                         "split": {"validation_fraction": 0.0}})
+
+
+
+def _problems(raw) -> str:
+    with pytest.raises(ParamsError) as info:
+        validate_params(raw)
+    return str(info.value)
+
+
+def test_booleans_and_strings_are_not_numbers():
+    message = _problems({"dedup": {"threshold": True, "num_perm": "128"}, "train": {"batch_size": False,
+                         "learning_rate": "0.001"}, "clean": {"min_chars": 2.0}})
+    for key in ("dedup.threshold: Input should be a valid number, got True",
+                "dedup.num_perm: Input should be a valid integer, got '128'",
+                "train.batch_size: Input should be a valid integer, got False",
+                "train.learning_rate: Input should be a valid number, got '0.001'",
+                "clean.min_chars: Input should be a valid integer, got 2.0"):
+        assert key in message
+    assert "5 problem(s)" in message
+    # An integer where a float is expected is fine (YAML `epochs: 2`).
+    assert validate_params({"train": {"epochs": 2, "learning_rate": 1}}).train.epochs == 2.0
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_floats_must_be_finite(value):
+    message = _problems({"train": {"learning_rate": value, "epochs": value}, "dedup": {"threshold": value}})
+    for key in ("train.learning_rate:", "train.epochs:", "dedup.threshold:"):
+        assert key in message
+    assert "finite number" in message
+
+
+def test_yaml_infinity_is_refused_and_scientific_notation_read_as_dvc_reads_it(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  learning_rate: .inf\n")
+    with pytest.raises(ParamsError, match="train.learning_rate: Input should be a finite number"):
+        load_params(path)
+    # PyYAML alone reads 1e-3 as a string; DVC (YAML 1.2) reads a float, and so do we.
+    path.write_text("train:\n  learning_rate: 2e-4\n  weight_decay: 1E-2\n")
+    loaded = load_params(path).train
+    assert loaded.learning_rate == 2e-4 and loaded.weight_decay == 0.01
+
+
+def test_ranges_match_what_the_code_can_do():
+    message = _problems({"dedup": {"seed": -1, "shingle_size": 10**30}, "split": {"ngram": 10**30, "seed": 2**40},
+                         "train": {"seed": -5, "learning_rate": 2e4, "lr_scheduler": "warmup_stable_decay"}})
+    for expected in ("dedup.seed: Input should be greater than or equal to 0, got -1",
+                     "dedup.shingle_size: Input should be less than or equal to 64",
+                     "split.ngram: Input should be less than or equal to 256",
+                     "split.seed: Input should be less than or equal to 4294967295",
+                     "train.seed: Input should be greater than or equal to 0",
+                     "train.learning_rate: Input should be less than or equal to 1",
+                     "train.lr_scheduler:"):
+        assert expected in message
+    assert "7 problem(s)" in message
+
+
+def test_cross_field_rules_are_reported_with_the_per_key_problems():
+    message = _problems({"train": {"lora": {"r": 0}, "early_stopping_patience": 2, "save_steps": 8, "eval_steps": 20,
+                                   "learning_rate": float("inf")},
+                         "clean": {"min_chars": 50, "max_chars": 10},
+                         "split": {"group_by": "conversation", "test_fraction": 0.7, "validation_fraction": 0.3},
+                         "data": {"format": "columns"}})
+    for expected in ("train.lora.r:", "train.learning_rate:",
+                     "train.early_stopping_patience needs train.save_steps (8) to be a multiple of train.eval_steps (20)",
+                     "clean.min_chars: 50 is more than clean.max_chars (10)",
+                     "split.group_by: 'conversation' must be one of data.keep_columns",
+                     "split.test_fraction + split.validation_fraction must be below 1",
+                     "format 'columns' needs data.fields.prompt"):
+        assert expected in message, message
+    assert "7 problem(s)" in message
+    # A rule whose key already has an error is skipped rather than reported twice or crashing.
+    message = _problems({"clean": {"min_chars": "many", "max_chars": 10}})
+    assert "1 problem(s)" in message
+
+
+def test_stage_params_match_dvc_yaml():
+    import yaml
+
+    from stages.lib.params import STAGE_PARAMS
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert {name: tuple(stage.get("params", ())) for name, stage in stages.items()} == STAGE_PARAMS
+
+
+def test_a_stage_run_by_hand_refuses_missing_params_as_dvc_repro_does(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    del params["dedup"]["seed"]
+    del params["clean"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(ParamsError, match="stage 'split' reads dedup.seed but it is missing"):
+        load_params(tmp_path / "params.yaml", stage="split")
+    with pytest.raises(ParamsError, match="stage 'clean' reads clean but it is missing"):
+        load_params(tmp_path / "params.yaml", stage="clean")
+    assert load_params(tmp_path / "params.yaml", stage="train").train.seed == params["train"]["seed"]
+    for stage, phrase in (("split", "reads dedup.seed but"), ("clean", "reads clean but")):
+        result = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=tmp_path, capture_output=True,
+                                text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=60)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert phrase in result.stderr and "missing" in result.stderr, result.stderr

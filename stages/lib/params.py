@@ -1,19 +1,44 @@
 """The one place that reads and validates params.yaml.
 
-Every stage calls `load_params()` first. The whole file is validated at once so that a typo in a
-section the stage does not use is still reported, and every problem is listed in one error,
-each with its dotted key ("train.lora.r: must be a positive integer, got 0").
+Every stage calls `load_params(stage=...)` first. The whole file is validated at once so that a
+typo in a section the stage does not use is still reported, and every problem is listed in one
+error, each with its dotted key ("train.lora.r: Input should be greater than 0, got 0").
+
+Strict by design: a value of the wrong type is an error, never converted (`true` is not the
+number 1, "8" is not 8), floats must be finite (`.inf`, `.nan` refused), seeds are 0..2^32-1 and
+sizes have upper bounds the code can honour, and rules that involve several keys are checked
+next to the per-key ones, so one run lists every problem. A stage run by hand (`python -m
+stages.X`) refuses a params.yaml that lacks a key the stage reads, as `dvc repro` does, instead of
+silently using a default.
 """
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PARAMS_FILE = "params.yaml"
+# Seeds feed numpy's legacy seeding (transformers.set_seed) and PCG64: 0 .. 2^32 - 1 works everywhere.
+MAX_SEED = 2**32 - 1
+# Upper bound of counts and sizes that have no natural limit: far above any real run, low enough
+# that the code's arithmetic (numpy int64, loop counts) cannot overflow or hang on a typo.
+BIG = 10**9
+
+# The params each stage reads: the same lists as `params:` in dvc.yaml (tests/test_params.py
+# checks they agree). A stage run by hand needs them all in params.yaml, as dvc repro does.
+STAGE_PARAMS = {
+    "clean": ("data", "clean"),
+    "dedup": ("dedup",),
+    "split": ("split", "dedup.num_perm", "dedup.shingle_size", "dedup.seed"),
+    "train": ("model", "train"),
+    "evaluate_base": ("model", "evaluate", "train.quantization", "train.compute_dtype"),
+    "evaluate": ("model", "evaluate", "train.quantization", "train.compute_dtype"),
+    "export": ("model", "export"),
+}
 
 
 class ParamsError(ValueError):
@@ -23,7 +48,9 @@ class ParamsError(ValueError):
 class _Section(BaseModel):
     # Unknown keys are errors: a misspelt key silently falling back to its default is the worst
     # kind of bug in a pipeline whose whole point is reproducibility.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: no conversion between types (a YAML `true` is not 1.0, "8" is not 8; an integer is
+    # still accepted where a float is expected); allow_inf_nan=False: floats are finite.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class FieldMapping(_Section):
@@ -41,16 +68,10 @@ class DataParams(_Section):
     # Extra input columns copied into each record's `meta` (e.g. a conversation id used by split.group_by).
     keep_columns: list[str] = []
 
-    @model_validator(mode="after")
-    def _columns_need_fields(self):
-        if self.format == "columns" and not (self.fields.prompt and self.fields.response):
-            raise ValueError("format 'columns' needs data.fields.prompt and data.fields.response")
-        return self
-
 
 class CleanParams(_Section):
-    min_chars: int = Field(default=1, ge=0, description="minimum characters in every user/assistant turn")
-    max_chars: int = Field(default=8000, gt=0, description="maximum characters of a whole conversation")
+    min_chars: int = Field(default=1, ge=0, le=BIG, description="minimum characters in every user/assistant turn")
+    max_chars: int = Field(default=8000, gt=0, le=BIG, description="maximum characters of a whole conversation")
     require_assistant_last: bool = True
     max_rejected_fraction: float = Field(default=0.2, ge=0, le=1)
 
@@ -59,29 +80,23 @@ class DedupParams(_Section):
     near: bool = True
     threshold: float = Field(default=0.8, gt=0, le=1)
     num_perm: int = Field(default=128, ge=16, le=1024)
-    shingle_size: int = Field(default=3, gt=0)
-    seed: int = 1
+    shingle_size: int = Field(default=3, gt=0, le=64)   # words per shingle
+    seed: int = Field(default=1, ge=0, le=MAX_SEED)
 
 
 class SplitParams(_Section):
-    seed: int = 42
+    seed: int = Field(default=42, ge=0, le=MAX_SEED)
     test_fraction: float = Field(default=0.1, gt=0, lt=1)
     validation_fraction: float = Field(default=0.0, ge=0, lt=1)
     group_threshold: float = Field(default=0.5, gt=0, le=1)
     group_by: Optional[str] = None
-    ngram: int = Field(default=13, gt=1)
+    ngram: int = Field(default=13, gt=1, le=256)
     # Text in more than this share of records is boilerplate (JSON keys and labels of every answer,
     # a stock phrase), never leakage: such words are dropped before forming n-grams, such n-grams
     # and answers are ignored. Rule and floors: stages/lib/audit.py.
     ngram_max_df: float = Field(default=0.01, gt=0, le=1)
-    max_leakage: int = Field(default=0, ge=0)
-    max_examples: int = Field(default=5, ge=0, description="example pairs kept per audit check")
-
-    @model_validator(mode="after")
-    def _fractions_leave_train(self):
-        if self.test_fraction + self.validation_fraction >= 1:
-            raise ValueError("split.test_fraction + split.validation_fraction must be below 1")
-        return self
+    max_leakage: int = Field(default=0, ge=0, le=BIG)
+    max_examples: int = Field(default=5, ge=0, le=1000, description="example pairs kept per audit check")
 
 
 class ModelParams(_Section):
@@ -93,23 +108,26 @@ class ModelParams(_Section):
 
 
 class LoraParams(_Section):
-    r: int = Field(default=16, gt=0)
-    alpha: int = Field(default=32, gt=0)
+    r: int = Field(default=16, gt=0, le=4096)
+    alpha: int = Field(default=32, gt=0, le=65536)
     dropout: float = Field(default=0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
 class TrainParams(_Section):
-    seed: int = 42
-    epochs: float = Field(default=1.0, gt=0)
-    max_steps: int = Field(default=-1, ge=-1, description="-1: run `epochs` epochs")
-    learning_rate: float = Field(default=2e-4, gt=0)
-    lr_scheduler: str = "cosine"
+    seed: int = Field(default=42, ge=0, le=MAX_SEED)
+    epochs: float = Field(default=1.0, gt=0, le=10_000)
+    max_steps: int = Field(default=-1, ge=-1, le=BIG, description="-1: run `epochs` epochs")
+    # Above 1 no optimiser here converges; a typo (2e4 for 2e-4) is caught instead of diverging.
+    learning_rate: float = Field(default=2e-4, gt=0, le=1)
+    # transformers schedulers that need no extra arguments (the others need scheduler kwargs).
+    lr_scheduler: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                          "constant_with_warmup", "inverse_sqrt"] = "cosine"
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
-    weight_decay: float = Field(default=0.0, ge=0)
-    batch_size: int = Field(default=8, gt=0)
-    grad_accum: int = Field(default=1, gt=0)
-    max_length: int = Field(default=512, gt=8)
+    weight_decay: float = Field(default=0.0, ge=0, le=10)
+    batch_size: int = Field(default=8, gt=0, le=65536)
+    grad_accum: int = Field(default=1, gt=0, le=65536)
+    max_length: int = Field(default=512, gt=8, le=1 << 20)
     quantization: Literal["nf4", "none"] = "nf4"
     # auto: bf16 on CUDA, fp32 on CPU (bf16 compute on CPU diverges, see DESIGN.md).
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
@@ -118,34 +136,26 @@ class TrainParams(_Section):
     packing: Optional[bool] = None
     # Packed tokens per micro-batch on CUDA (one padding-free row, per-example attention).
     # null: the profile's default (bench/NOTES.md), lowered to what fits in free GPU memory.
-    tokens_per_batch: Optional[int] = Field(default=None, gt=0)
+    tokens_per_batch: Optional[int] = Field(default=None, gt=0, le=1 << 26)
     gradient_checkpointing: Optional[bool] = None
     lora: LoraParams = LoraParams()
-    logging_steps: int = Field(default=5, gt=0)
-    save_steps: int = Field(default=25, gt=0)
-    save_total_limit: int = Field(default=2, gt=0)
-    eval_steps: int = Field(default=25, gt=0)
-    early_stopping_patience: Optional[int] = Field(default=None, gt=0)
-    num_processes: int = Field(default=1, gt=0)
-
-    @model_validator(mode="after")
-    def _early_stopping_needs_aligned_saves(self):
-        # Early stopping restores the best checkpoint, so every evaluation must have one to restore.
-        if self.early_stopping_patience and self.save_steps % self.eval_steps:
-            raise ValueError(f"train.early_stopping_patience needs train.save_steps ({self.save_steps}) "
-                             f"to be a multiple of train.eval_steps ({self.eval_steps})")
-        return self
+    logging_steps: int = Field(default=5, gt=0, le=BIG)
+    save_steps: int = Field(default=25, gt=0, le=BIG)
+    save_total_limit: int = Field(default=2, gt=0, le=1000)
+    eval_steps: int = Field(default=25, gt=0, le=BIG)
+    early_stopping_patience: Optional[int] = Field(default=None, gt=0, le=BIG)
+    num_processes: int = Field(default=1, gt=0, le=1024)
 
 
 class EvaluateParams(_Section):
-    max_samples: int = Field(default=60, gt=0, description="test rows generated on, per model")
-    max_new_tokens: int = Field(default=96, gt=0)
-    batch_size: int = Field(default=16, gt=0)
+    max_samples: int = Field(default=60, gt=0, le=BIG, description="test rows generated on, per model")
+    max_new_tokens: int = Field(default=96, gt=0, le=1 << 20)
+    batch_size: int = Field(default=16, gt=0, le=65536)
     extract: Optional[str] = None
     json_schema: Optional[dict[str, Any]] = None
     json_fields: list[str] = []
     probes: str = "data/probes"
-    n_samples: int = Field(default=12, ge=0, description="rows shown side by side in reports/samples.md")
+    n_samples: int = Field(default=12, ge=0, le=10_000, description="rows shown side by side in reports/samples.md")
     gates: list[str] = []
 
     @field_validator("extract")
@@ -176,8 +186,8 @@ class ExportParams(_Section):
     enabled: bool = True
     # GGUF types the `gguf` package writes without llama.cpp; null: no GGUF file.
     gguf: Optional[Literal["f32", "f16", "bf16", "q8_0"]] = "q8_0"
-    check_prompts: int = Field(default=3, ge=0, description="test rows whose greedy answers are compared")
-    check_max_new_tokens: int = Field(default=32, gt=0)
+    check_prompts: int = Field(default=3, ge=0, le=10_000, description="test rows whose greedy answers are compared")
+    check_max_new_tokens: int = Field(default=32, gt=0, le=1 << 20)
 
 
 class Params(_Section):
@@ -213,31 +223,131 @@ def _format_errors(exc: ValidationError) -> list[str]:
     return problems
 
 
+_MISSING = object()
+
+
+def _lookup(mapping: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(mapping, dict) or part not in mapping:
+            return _MISSING
+        mapping = mapping[part]
+    return mapping
+
+
+def _cross_field_problems(raw: dict, invalid: set[str]) -> list[str]:
+    """Rules over several keys, checked on the values as given (defaults for absent keys), next
+    to the per-key errors so that one run reports everything. A rule is skipped when one of its
+    keys already has an error of its own (its value cannot be trusted)."""
+    defaults = Params().model_dump()
+
+    def value(key: str) -> Any:
+        if any(key == bad or key.startswith(bad + ".") for bad in invalid):
+            raise LookupError(key)
+        found = _lookup(raw, key)
+        return _lookup(defaults, key) if found is _MISSING else found
+
+    def rule_columns():
+        if value("data.format") == "columns" and not (value("data.fields.prompt") and value("data.fields.response")):
+            return "data.format: format 'columns' needs data.fields.prompt and data.fields.response"
+
+    def rule_chars():
+        if value("clean.min_chars") > value("clean.max_chars"):
+            return (f"clean.min_chars: {value('clean.min_chars')} is more than clean.max_chars "
+                    f"({value('clean.max_chars')}): every row would be rejected")
+
+    def rule_fractions():
+        if value("split.test_fraction") + value("split.validation_fraction") >= 1:
+            return ("split.test_fraction: split.test_fraction + split.validation_fraction must be below 1 "
+                    f"(got {value('split.test_fraction')} + {value('split.validation_fraction')}): nothing left to train on")
+
+    def rule_group_by():
+        group_by = value("split.group_by")
+        if group_by is not None and group_by not in value("data.keep_columns"):
+            return (f"split.group_by: {group_by!r} must be one of data.keep_columns "
+                    f"({value('data.keep_columns')}), which clean copies into each record's meta")
+
+    def rule_early_stopping_saves():
+        # Early stopping restores the best checkpoint, so every evaluation must have one to restore.
+        if value("train.early_stopping_patience") and value("train.save_steps") % value("train.eval_steps"):
+            return (f"train.early_stopping_patience needs train.save_steps ({value('train.save_steps')}) "
+                    f"to be a multiple of train.eval_steps ({value('train.eval_steps')})")
+
+    def rule_early_stopping_validation():
+        # Without a validation split there is no evaluation, and early stopping would be silently off.
+        if value("train.early_stopping_patience") and value("split.validation_fraction") == 0:
+            return "train.early_stopping_patience needs split.validation_fraction > 0 (it stops on validation loss)"
+
+    problems = []
+    for rule in (rule_columns, rule_chars, rule_fractions, rule_group_by, rule_early_stopping_saves,
+                 rule_early_stopping_validation):
+        try:
+            problem = rule()
+        except (LookupError, TypeError):
+            continue
+        if problem:
+            problems.append(problem)
+    return problems
+
+
 def validate_params(raw: Any) -> Params:
-    """Validate a parsed params mapping; raise ParamsError listing every problem."""
+    """Validate a parsed params mapping; raise ParamsError listing every problem (per-key and
+    cross-field alike)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ParamsError(f"{PARAMS_FILE}: expected a mapping at the top level, got {type(raw).__name__}")
-    problems = []
+    problems, invalid = [], set()
     try:
         params = Params.model_validate(raw)
     except ValidationError as exc:
         problems += _format_errors(exc)
+        invalid = {".".join(str(p) for p in err["loc"]) for err in exc.errors()}
         params = None
+    problems += _cross_field_problems(raw, invalid)
     if problems:
         raise ParamsError(f"{PARAMS_FILE} has {len(problems)} problem(s):\n  " + "\n  ".join(problems))
     return params
 
 
-def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML reads `1e-3` as a string (YAML 1.1 wants a dot); DVC, through ruamel (YAML 1.2),
+    reads it as a float. This loader agrees with DVC, so that strict validation accepts the
+    scientific notation every learning rate is written in."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                                  |[-+]?\.(?:inf|Inf|INF)
+                                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_params_text(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def load_params(path: str | os.PathLike = PARAMS_FILE, stage: Optional[str] = None) -> Params:
+    """Read and validate params.yaml. With `stage`, every key that stage reads (STAGE_PARAMS, as
+    in dvc.yaml) must be in the file: `dvc repro` refuses to run a stage whose params are missing,
+    and a stage run by hand does the same instead of falling back to defaults."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ParamsError(f"{path}: not found (run the stage from the project root)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ParamsError(f"{path}: cannot be read: {exc}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = parse_params_text(text)
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    if stage is not None and isinstance(raw, dict):
+        missing = [key for key in STAGE_PARAMS[stage] if _lookup(raw, key) is _MISSING]
+        if missing:
+            raise ParamsError(f"{path}: stage {stage!r} reads " + ", ".join(missing) + " but "
+                              + ("it is" if len(missing) == 1 else "they are") + " missing from the file "
+                              "(dvc repro refuses it the same way; copy the section from the project's params.yaml)")
     return validate_params(raw)
