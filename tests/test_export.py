@@ -90,7 +90,7 @@ def test_export_disabled_writes_placeholders(tmp_path, monkeypatch):
     from stages import export
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text("export:\n  enabled: false\n")
+    (tmp_path / "params.yaml").write_text("model: {}\nexport:\n  enabled: false\n")
     assert export.main() == 0
     assert "export disabled" in (tmp_path / "models/merged/README.md").read_text()
     assert "export disabled" in (tmp_path / "models/gguf/README.md").read_text()
@@ -101,7 +101,7 @@ def test_export_without_adapter_is_a_one_line_error(tmp_path, monkeypatch, capsy
     from stages import export
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text("export:\n  gguf: null\n")
+    (tmp_path / "params.yaml").write_text("model: {}\nexport:\n  gguf: null\n")
     assert export.main() == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "export: models/adapter/adapter_config.json not found: run the train stage first"
@@ -233,7 +233,7 @@ def exported(tmp_path_factory, smollm2_base_dir):
                             gguf_dir=Path("models/gguf"), checks=[_conversation(p) for p in PROMPTS])
     finally:
         os.chdir(cwd)
-    (project / "params.yaml").write_text("export:\n  gguf: f16\n")
+    (project / "params.yaml").write_text("model: {}\nexport:\n  gguf: f16\n")
     yield project, report
     shutil.rmtree(project, ignore_errors=True)  # about 1 GB of weights; pytest keeps old tmp dirs
 
