@@ -191,7 +191,7 @@ def test_probe_accuracy_whole_words_case_insensitive_unicode():
 def test_task_metrics_follows_config():
     refs = ['{"category": "billing"}', '{"category": "login"}']
     preds = ['{"category": "billing"}', "I am not sure."]
-    plain = task_metrics(preds, refs, EvaluateParams())
+    plain = task_metrics(preds, refs, EvaluateParams(json_schema=None, json_fields=[]))
     assert plain["json_valid"] is None and plain["field_accuracy"] is None
     assert plain["exact_match"] == 0.5 and plain["empty_output_rate"] == 0.0
 

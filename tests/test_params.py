@@ -174,3 +174,43 @@ def test_a_stage_run_by_hand_refuses_missing_params_as_dvc_repro_does(tmp_path):
                                 text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=60)
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         assert phrase in result.stderr and "missing" in result.stderr, result.stderr
+
+
+def _differences(model: dict, shipped: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose value differs between the models' defaults and params.yaml (or that
+    only one of them has)."""
+    found = []
+    for key in sorted(set(model) | set(shipped)):
+        name = f"{prefix}{key}"
+        if key not in shipped:
+            found.append(f"{name}: default {model[key]!r}, missing from params.yaml")
+        elif key not in model:
+            found.append(f"{name}: in params.yaml, not in the models")
+        elif isinstance(model[key], dict) and isinstance(shipped[key], dict) and key != "json_schema":
+            found += _differences(model[key], shipped[key], name + ".")
+        elif model[key] != shipped[key]:
+            found.append(f"{name}: default {model[key]!r}, params.yaml {shipped[key]!r}")
+    return found
+
+
+def test_defaults_are_the_shipped_params_yaml():
+    # One source of truth: the models' defaults are what params.yaml ships, key for key.
+    import yaml
+
+    from stages.lib.params import Params
+
+    shipped = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    differences = _differences(Params().model_dump(), shipped)
+    assert not differences, "pydantic defaults and params.yaml disagree:\n  " + "\n  ".join(differences)
+
+
+def test_the_disagreement_check_names_the_key():
+    # The check above catches the drift it exists for: a changed value, a key left out.
+    from stages.lib.params import Params
+
+    defaults = Params().model_dump()
+    drifted = {**defaults, "dedup": {**defaults["dedup"], "threshold": 0.8}, "train": {
+        **defaults["train"], "lora": {k: v for k, v in defaults["train"]["lora"].items() if k != "r"}}}
+    assert _differences(defaults, drifted) == [
+        "dedup.threshold: default 0.7, params.yaml 0.8",
+        "train.lora.r: default 16, missing from params.yaml"]
