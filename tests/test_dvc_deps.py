@@ -96,3 +96,71 @@ def test_generation_does_not_import_training():
     # evaluate_base must stay cached when training code changes.
     assert "stages/lib/training.py" not in project_imports(ROOT / "stages/lib/generation.py")
     assert "stages/lib/training.py" not in project_imports(ROOT / "stages/evaluate.py")
+
+
+def _project_copy(tmp_path: Path) -> Path:
+    """The repository's tracked files (as they are in this checkout) in a fresh git repo, with every
+    stage's outputs present as placeholders and `dvc commit` recording all stages as up to date.
+    Only the code dependencies are under test, so the outputs' content does not matter."""
+    import shutil
+    import subprocess
+
+    project = tmp_path / "project"
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = ROOT / name
+        if source.is_file() and not name.startswith(".dvc/config.local") and name != "dvc.lock":
+            (project / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, project / name)
+    for stage in _stages().values():
+        for section in ("outs", "metrics", "plots"):
+            for entry in stage.get(section, []):
+                out = project / (next(iter(entry)) if isinstance(entry, dict) else entry)
+                if out.suffix:
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_text("{}\n")
+                else:
+                    out.mkdir(parents=True, exist_ok=True)
+                    (out / "placeholder.json").write_text("{}\n")
+    for command in (["git", "init", "-q"], ["git", "add", "-A"],
+                    ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
+        subprocess.run(command, cwd=project, check=True, capture_output=True)
+    _dvc(project, "commit", "--force")
+    return project
+
+
+def _dvc(project: Path, *args) -> str:
+    import os
+    import subprocess
+    import sys
+
+    dvc = Path(sys.executable).with_name("dvc")
+    done = subprocess.run([str(dvc), *args], cwd=project, capture_output=True, text=True,
+                          env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def _changed_stages(project: Path) -> set[str]:
+    import json
+
+    return set(json.loads(_dvc(project, "status", "--json") or "{}"))
+
+
+def test_training_code_edit_leaves_evaluate_base_cached(tmp_path):
+    project = _project_copy(tmp_path)
+    assert _changed_stages(project) == set()
+
+    training = project / "stages/lib/training.py"
+    original = training.read_text()
+    training.write_text(original + "\n# an edit to the training code\n")
+    changed = _changed_stages(project)
+    assert "train" in changed
+    assert "evaluate_base" not in changed, changed
+
+    # And the check can fail: the code evaluate_base does run re-runs it.
+    training.write_text(original)
+    generation = project / "stages/lib/generation.py"
+    generation.write_text(generation.read_text() + "\n# an edit to the generation code\n")
+    assert {"evaluate_base", "evaluate"} <= _changed_stages(project)
