@@ -2,6 +2,7 @@
 
     qlora-dvc generate "My order arrived broken"   # try the fine-tuned model
     qlora-dvc pr-report --base main                # a pull request's summary
+    qlora-dvc prefs                                # judge base vs tuned answers blind, in a browser
 
 Run from the project root (the commands read params.yaml, models/ and reports/). Without the
 console script installed, `python -m qlora_dvc <command> ...` is the same. Each command lives in
@@ -17,6 +18,7 @@ import sys
 COMMANDS = {
     "generate": ("qlora_dvc.generate", "answer a prompt with the base or fine-tuned model"),
     "pr-report": ("qlora_dvc.pr_report", "write the markdown summary of what a branch changed"),
+    "prefs": ("qlora_dvc.prefs", "blind human preference, base vs tuned, in a local web page"),
 }
 
 

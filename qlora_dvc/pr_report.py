@@ -160,6 +160,28 @@ def _gates_section(report: dict, root: Path) -> str | None:
                      + [f"- {f}" for f in failures])
 
 
+def _preference(root: Path, sha: str, git_root: Path, base_label: str) -> str:
+    """The LLM judge's and the blind raters' win rates, now and at the base revision."""
+    import yaml
+
+    from qlora_dvc.preference_report import JUDGE_REPORT, PREFS_REPORT, preference_section
+
+    def now(rel: str) -> dict | None:
+        try:
+            report = json.loads((root / rel).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return report if isinstance(report, dict) else None
+
+    try:
+        params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")) or {}
+        model = ((params.get("evaluate") or {}).get("judge") or {}).get("model")
+    except (OSError, yaml.YAMLError, AttributeError):
+        model = None
+    return preference_section(now(JUDGE_REPORT), now(PREFS_REPORT), _report_at(sha, root / JUDGE_REPORT, git_root),
+                              _report_at(sha, root / PREFS_REPORT, git_root), base_label, model)
+
+
 def _plots(dvc: str, base: str, root: Path, plots_dir: Path) -> Path | None:
     """Render `dvc plots diff <base>` to plots_dir/index.html (replaced atomically); None if none."""
     from stages.lib.io import atomic_dir
@@ -210,6 +232,7 @@ def build_summary(base: str, out: Path, *, metrics_file: str = "reports/eval.jso
     gates = _gates_section(report, root)
     if gates:
         parts += ["### Gates", "", gates, ""]
+    parts += ["### Preference (tuned vs base)", "", _preference(root, sha, git_root, base), ""]
     parts += [f"### Metrics changed (`dvc metrics diff {base}`)", "",
               metrics_md or "No metric changed.", "",
               f"### Params changed (`dvc params diff {base}`)", "",

@@ -56,7 +56,7 @@ def test_no_command_and_unknown_command_are_usage_errors():
     assert done.returncode == 2 and "unknown command 'frobnicate'" in done.stderr
 
 
-@pytest.mark.parametrize("command", ["generate", "pr-report"])
+@pytest.mark.parametrize("command", ["generate", "pr-report", "prefs"])
 def test_each_command_has_its_own_help(command):
     done = _cli(command, "--help")
     assert done.returncode == 0, done.stderr

@@ -39,8 +39,19 @@ STAGE_PARAMS = {
     "dedup": ("dedup",),
     "split": ("split", "dedup.num_perm", "dedup.shingle_size", "dedup.seed"),
     "train": ("model", "train"),
-    "evaluate_base": ("model", "evaluate", "train.quantization", "train.compute_dtype"),
-    "evaluate": ("model", "evaluate", "train.quantization", "train.compute_dtype"),
+    # Not `evaluate` as a whole: a judge or prefs key must never re-run generation (minutes).
+    "evaluate_base": ("model", "evaluate.max_samples", "evaluate.max_new_tokens", "evaluate.batch_size",
+                      "evaluate.extract", "evaluate.json_schema", "evaluate.json_fields", "evaluate.probes",
+                      "train.quantization", "train.compute_dtype"),
+    "evaluate": ("model", "evaluate.max_samples", "evaluate.max_new_tokens", "evaluate.batch_size",
+                 "evaluate.extract", "evaluate.json_schema", "evaluate.json_fields", "evaluate.probes",
+                 "evaluate.n_samples", "evaluate.gates", "train.quantization", "train.compute_dtype"),
+    # Only the keys that change a verdict: timeouts, retries, backoff, concurrency and key_env
+    # do not, so tuning them never pays for a second round of judging.
+    "judge": ("evaluate.judge.enabled", "evaluate.judge.url", "evaluate.judge.model", "evaluate.judge.rubric",
+              "evaluate.judge.show_reference", "evaluate.judge.response_format", "evaluate.judge.temperature",
+              "evaluate.judge.max_tokens", "evaluate.judge.seed"),
+    "prefs": ("evaluate.prefs",),
     "export": ("model", "export"),
 }
 
@@ -150,6 +161,47 @@ class TrainParams(_Section):
     early_stopping_patience: Optional[int] = Field(default=None, gt=0, le=BIG)
     num_processes: int = Field(default=1, gt=0, le=1024)
 
+# The default rubric fits the shipped sample task (support ticket -> JSON triage record).
+DEFAULT_JUDGE_RUBRIC = (
+    "The request is a customer support ticket; the assistant must triage it with only a JSON object "
+    "with the keys category, priority, product, sentiment and summary. Prefer the answer that "
+    "(1) is one valid JSON object with exactly those keys and nothing around it, "
+    "(2) chooses the labels that fit the ticket (the reference answer, when shown, has the intended labels), "
+    "(3) has a short summary faithful to the ticket, with nothing invented. "
+    "If both answers are equally good or equally bad, the verdict is tie."
+)
+
+
+class JudgeParams(_Section):
+    """The optional LLM judge (stage `judge`): base vs tuned, pairwise, both orders."""
+
+    enabled: bool = False
+    # Any OpenAI-compatible server: its base URL (the stage POSTs to <url>/chat/completions).
+    url: str = "http://127.0.0.1:8080/v1"
+    model: str = "judge"
+    # The NAME of the environment variable holding the API key (the key itself never goes here);
+    # unset or empty: no Authorization header (local servers).
+    key_env: str = Field(default="JUDGE_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    rubric: str = Field(default=DEFAULT_JUDGE_RUBRIC, min_length=1)
+    show_reference: bool = True
+    # json_schema: the verdict's JSON schema is sent (OpenAI, vLLM, llama.cpp, Ollama); json_object:
+    # any JSON object; none: plain text, parsed as best it can be (unreadable -> "unparsable").
+    response_format: Literal["json_schema", "json_object", "none"] = "json_schema"
+    temperature: float = Field(default=0.0, ge=0, le=2)
+    max_tokens: int = Field(default=256, gt=0, le=1 << 20)
+    seed: Optional[int] = Field(default=0, ge=0, le=MAX_SEED)
+    timeout_s: float = Field(default=120.0, gt=0, le=86400, description="seconds for one whole request")
+    retries: int = Field(default=4, ge=0, le=100, description="retries after the first attempt")
+    backoff_s: float = Field(default=2.0, ge=0, le=3600, description="first wait; doubles each retry")
+    max_backoff_s: float = Field(default=60.0, ge=0, le=3600)
+    concurrency: int = Field(default=1, gt=0, le=256, description="requests in flight at once")
+
+
+class PrefsParams(_Section):
+    """Blind human preference: `qlora-dvc prefs` appends to `file`; stage `prefs` reports it."""
+
+    file: str = "data/prefs/judgements.jsonl"
+
 
 # The shipped sample's answer format (a support-ticket triage record): the default of
 # evaluate.json_schema, as the sample itself is the default of data.raw.
@@ -180,6 +232,8 @@ class EvaluateParams(_Section):
     n_samples: int = Field(default=12, ge=0, le=10_000, description="rows shown side by side in reports/samples.md")
     # Measured on the sample: tuned.json_valid 1.0, delta.general_accuracy -0.14 (README).
     gates: list[str] = ["tuned.json_valid >= 0.9", "delta.general_accuracy >= -0.25"]
+    judge: JudgeParams = JudgeParams()
+    prefs: PrefsParams = PrefsParams()
 
     @field_validator("extract")
     @classmethod
