@@ -22,7 +22,7 @@ def test_packed_attention_fallback_keeps_examples_apart():
     with torch.no_grad():
         packed = model(input_ids=packed_ids, position_ids=positions).logits[0]
         alone = torch.cat([model(input_ids=i[None]).logits[0] for i in ids])
-        # The trap DESIGN.md measured: an all-ones mask makes SDPA attend across examples.
+        # The trap docs/design.md#packed-rows describes: an all-ones mask makes SDPA attend across examples.
         model.set_attn_implementation("sdpa")
         leaky = model(input_ids=packed_ids, position_ids=positions,
                       attention_mask=torch.ones_like(packed_ids)).logits[0]

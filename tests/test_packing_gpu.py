@@ -6,7 +6,7 @@ attention, Liger kernels when installed).
 The logits of a packed row must equal, per token, those of each example run alone through plain
 SDPA, and the trainer's loss on the packed row must equal the loss of the examples unpacked, both
 within bf16 tolerance. A control shows the check can see leakage: the same packed row with an
-all-ones attention mask (the trap DESIGN.md measured) attends across examples and fails it.
+all-ones attention mask (the trap docs/design.md#packed-rows describes) attends across examples and fails it.
 """
 import pytest
 

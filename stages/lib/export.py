@@ -45,7 +45,7 @@ class ExportError(RuntimeError):
 
 
 def merge_dtype(cuda: bool):
-    """fp32 on CPU (exact merge, and bf16 on CPU diverged in training, DESIGN.md); bf16 on CUDA."""
+    """fp32 on CPU (exact merge, and bf16 on CPU diverged in training: docs/design.md#cpu-compute-in-fp32); bf16 on CUDA."""
     import torch
 
     if cuda and torch.cuda.is_bf16_supported():

@@ -1,8 +1,15 @@
 """Vectorised MinHash + banded LSH, used by dedup (near-duplicates) and split (groups, audit).
 
-Chosen by measurement (bench/data_throughput.py): a plain datasketch loop (one `MinHash` per
-record, `update` per shingle, `MinHashLSH.query` + `insert`) spends most of its time in
-per-shingle Python calls. Here every step is one numpy operation over a batch:
+Why home-made rather than datasketch (a well-kept library, which the benchmark also runs):
+measured, not assumed. bench/data_throughput.py runs both on the same 100k synthetic records
+with injected near-duplicates (2-core x86_64, 2026-11-28, reports/bench/data_throughput.json).
+This engine: 48,331 records/s, recall 0.984 of the injected near-duplicates, 424 MB. A plain
+datasketch loop (one `MinHash` per record, `update` per shingle, `MinHashLSH.query` + `insert`):
+1,424 records/s, recall 0.927, 815 MB, i.e. 33.9x slower (an earlier run of record: 24.5x);
+with `update_batch` 2,820 records/s (17x slower). rensa (Rust): 23,768 records/s, recall 0.971
+(2.0x slower). datasketch spends most of its time in per-shingle Python calls.
+
+Here every step is one numpy operation over a batch:
 
 1. words are hashed in batches (a polynomial hash over the batch's bytes, no Python per word),
 2. word-shingle hashes are rolling combinations of the word hashes, mixed to 32 bits,

@@ -113,7 +113,7 @@ def resolve_base_model(model_params, root: Path = MATERIALIZED_ROOT) -> Resolved
 
 
 def pick_compute_dtype(requested: str, cuda: bool):
-    """bf16 on CUDA; fp32 on CPU, where nf4 + bf16 compute diverged (DESIGN.md, measured)."""
+    """bf16 on CUDA; fp32 on CPU, where nf4 + bf16 compute diverged (docs/design.md#cpu-compute-in-fp32)."""
     import torch
 
     if requested == "auto":

@@ -144,7 +144,7 @@ class TrainParams(_Section):
     grad_accum: int = Field(default=1, gt=0, le=65536)
     max_length: int = Field(default=384, gt=8, le=1 << 20)
     quantization: Literal["nf4", "none"] = "nf4"
-    # auto: bf16 on CUDA, fp32 on CPU (bf16 compute on CPU diverges, see DESIGN.md).
+    # auto: bf16 on CUDA, fp32 on CPU (bf16 compute on CPU diverges: docs/design.md#cpu-compute-in-fp32).
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     # auto: the throughput profile on CUDA, plain batches on CPU.
     profile: Literal["auto", "throughput", "low_memory", "cpu"] = "auto"

@@ -1,6 +1,6 @@
 """Leakage-aware train/validation/test assignment: whole groups, by a seeded hash of the group.
 
-A group is a connected component (union-find) of records joined by any of:
+A group is a connected component (scipy's connected_components) of records joined by any of:
 - near-duplicate similarity: estimated Jaccard of word shingles >= split.group_threshold
   (lower than dedup.threshold: rows dedup kept as distinct but still alike go to one side),
 - the same user prompt (case- and space-insensitive): one question with two answers is one item,
@@ -307,23 +307,19 @@ def equal_key_edges(keys: np.ndarray, max_count: Optional[int] = None) -> np.nda
 
 
 def connected_groups(n: int, edges: np.ndarray) -> np.ndarray:
-    """Component label per row (union-find over `edges`, vectorised): every row takes the
-    smallest label among its neighbours, then labels point-jump to their own label's label,
-    until nothing changes. Each round at least halves the distance to a component's root."""
-    labels = np.arange(n, dtype=np.int64)
+    """Component label per row: the smallest row index of its connected component under `edges`
+    (pairs of row indices), by scipy's connected components (linear in rows + edges)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    rows = np.arange(n, dtype=np.int64)
     if len(edges) == 0:
-        return labels
-    a, b = edges[:, 0], edges[:, 1]
-    while True:
-        smaller = np.minimum(labels[a], labels[b])
-        updated = labels.copy()
-        np.minimum.at(updated, a, smaller)
-        np.minimum.at(updated, b, smaller)
-        np.minimum.at(updated, labels, updated)   # a root takes the smallest label of its members
-        updated = updated[updated]                # pointer jumping
-        if np.array_equal(updated, labels):
-            return labels
-        labels = updated
+        return rows
+    graph = coo_matrix((np.ones(len(edges), dtype=np.int8), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    smallest = np.full(component.max() + 1, n, dtype=np.int64)
+    np.minimum.at(smallest, component, rows)
+    return smallest[component]
 
 
 def group_key_per_row(ids: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -75,7 +75,7 @@ def plan_training(train, cuda: bool, bf16_supported: bool = True, liger_availabl
     elif cuda:
         dtype = "bf16" if bf16_supported else "fp16"
     else:
-        dtype = "fp32"  # nf4 with bf16 compute on CPU diverged (DESIGN.md)
+        dtype = "fp32"  # nf4 with bf16 compute on CPU diverged (docs/design.md#cpu-compute-in-fp32)
     on_gpu_profile = cuda and profile in ("throughput", "low_memory")
     packing = bool(train.packing if train.packing is not None else on_gpu_profile)
     checkpointing = (train.gradient_checkpointing if train.gradient_checkpointing is not None
@@ -143,7 +143,19 @@ def peak_memory_bytes(cuda: bool) -> int:
 
 def make_dvclive_callback(live_dir: Path):
     """Per-step curves through DVCLive. On resume, the steps before the interruption are replayed
-    from the checkpoint's log history, so the curve is whole although DVC wiped the old plots."""
+    from the checkpoint's log history, so the curve is whole although DVC wiped the old plots.
+
+    Why not the callback DVCLive ships for transformers (dvclive.huggingface.DVCLiveCallback,
+    deprecated in favour of the same code in transformers.integrations.DVCLiveCallback): compared
+    on one Trainer run (tiny Llama, 6 steps, a log every step, an evaluation every 3), it
+    - numbers points by log call (next_step() after every on_log), not by training step: the
+      per-step loss went to steps 0,1,2,4,5,6 and the evaluations to steps 3 and 7, where the
+      training steps were 1-6 and 3, 6; curves of runs with different eval_steps do not line up;
+    - writes the per-step loss to plots/metrics/loss.tsv and only the run's mean (one point) to
+      train/loss.tsv, which dvc.yaml plots; plus epoch, total_flos and train_runtime series;
+    - on resume from checkpoint-3 started again at step 0 with steps 4-6 only, where this one
+      replayed steps 1-3 from the checkpoint: the curve of an interrupted run was half a curve.
+    """
     from transformers import TrainerCallback
 
     class DVCLiveCurves(TrainerCallback):
