@@ -113,6 +113,11 @@ def _project_copy(tmp_path: Path) -> Path:
         if source.is_file() and not name.startswith(".dvc/config.local") and name != "dvc.lock":
             (project / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, project / name)
+    # Committed before the outputs exist, so that git tracks only what the repository tracks
+    # (DVC refuses to take over an output that git already tracks).
+    for command in (["git", "init", "-q"], ["git", "add", "-A"],
+                    ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
+        subprocess.run(command, cwd=project, check=True, capture_output=True)
     for stage in _stages().values():
         for section in ("outs", "metrics", "plots"):
             for entry in stage.get(section, []):
@@ -123,9 +128,6 @@ def _project_copy(tmp_path: Path) -> Path:
                 else:
                     out.mkdir(parents=True, exist_ok=True)
                     (out / "placeholder.json").write_text("{}\n")
-    for command in (["git", "init", "-q"], ["git", "add", "-A"],
-                    ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
-        subprocess.run(command, cwd=project, check=True, capture_output=True)
     _dvc(project, "commit", "--force")
     return project
 
