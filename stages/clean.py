@@ -20,34 +20,27 @@ REPORT = Path("reports/clean.json")
 def main() -> int:
     from stages.lib.cleaning import CleanSummary, clean_file
     from stages.lib.formats import InputError, display_name, list_input_files
-    from stages.lib.io import OutputError, atomic_file, resolve_data_path, write_json
-    from stages.lib.params import ParamsError, load_params
+    from stages.lib.io import atomic_file, resolve_data_path, write_json
+    from stages.lib.params import load_params
     from stages.lib.progress import progress_bar
 
-    try:
-        params = load_params(stage="clean")
-        raw_path = resolve_data_path(params.data.raw)
-    except (ParamsError, ValueError) as exc:
-        print(f"clean: {exc}", file=sys.stderr)
-        return 1
+    # Failures (params, input, output) raise; run_stage turns them into one line and exit 1.
+    params = load_params(stage="clean")
+    raw_path = resolve_data_path(params.data.raw)
     root = Path.cwd()
     summary = CleanSummary()
-    try:
-        files, ignored = list_input_files(raw_path)
-        with atomic_file(RECORDS) as kept_out, atomic_file(REJECTED) as rejected_out, \
-                progress_bar("clean") as progress:
-            for path in files:
-                name = display_name(path, root)
-                summary.formats_by_file.setdefault(name, None)
-                for kept, rejected in clean_file(path, name, params.data, params.clean, summary):
-                    kept_out.write(kept)
-                    rejected_out.write(rejected)
-                    progress.update(summary.rows_in - progress.n)
-            if summary.rows_in == 0:
-                raise InputError(f"{params.data.raw}: no rows (the input is empty)")
-    except (InputError, OutputError) as exc:
-        print(f"clean: {exc}", file=sys.stderr)
-        return 1
+    files, ignored = list_input_files(raw_path)
+    with atomic_file(RECORDS) as kept_out, atomic_file(REJECTED) as rejected_out, \
+            progress_bar("clean") as progress:
+        for path in files:
+            name = display_name(path, root)
+            summary.formats_by_file.setdefault(name, None)
+            for kept, rejected in clean_file(path, name, params.data, params.clean, summary):
+                kept_out.write(kept)
+                rejected_out.write(rejected)
+                progress.update(summary.rows_in - progress.n)
+        if summary.rows_in == 0:
+            raise InputError(f"{params.data.raw}: no rows (the input is empty)")
 
     formats = sorted({fmt for fmt in summary.formats_by_file.values() if fmt})
     fraction = summary.rejected / summary.rows_in
@@ -66,11 +59,7 @@ def main() -> int:
     }
     if len(summary.formats_by_file) > 1:
         report["formats_by_file"] = dict(sorted(summary.formats_by_file.items()))
-    try:
-        write_json(REPORT, report)
-    except OutputError as exc:
-        print(f"clean: {exc}", file=sys.stderr)
-        return 1
+    write_json(REPORT, report)
 
     print(f"clean: format {report['format']} ({report['format_source']}); {summary.rows_in} rows in, "
           f"{summary.kept} kept, {summary.rejected} rejected ({fraction:.1%})")
