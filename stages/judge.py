@@ -22,6 +22,8 @@ BASE = Path("data/eval/base/predictions.jsonl")
 TUNED = Path("data/eval/tuned/predictions.jsonl")
 REPLIES = Path("data/judge/replies.jsonl")
 REPORT = Path("reports/judge.json")
+# Replies of an unfinished run (git-ignored, outside DVC's outputs): a failed run resumes from here.
+JOURNAL = Path("checkpoints/judge/replies.partial.jsonl")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,12 +54,16 @@ def main(argv: list[str] | None = None) -> int:
         if done == total or done % 10 == 0:
             print(f"judge: {done}/{total} judgements", file=sys.stderr)
 
-    judgements = judge.judge_pairs(pairs, lambda messages: client.complete(messages, **options),
-                                   settings.rubric, show_reference=settings.show_reference,
+    journal = judge.ReplyJournal(JOURNAL)
+    if journal.replies:
+        print(f"judge: resuming: {len(journal.replies)} replies from an unfinished run in {JOURNAL}", file=sys.stderr)
+    ask = journal.wrap(lambda messages: client.chat(messages, **options), client.endpoint, settings.model, options)
+    judgements = judge.judge_pairs(pairs, ask, settings.rubric, show_reference=settings.show_reference,
                                    concurrency=settings.concurrency, progress=progress)
     report = {"enabled": True, **judge.summarize(judgements)}
     write_jsonl(REPLIES, judgements)
     write_json(REPORT, report)
+    journal.discard()
     win, tie, loss = report["win"], report["tie"], report["loss"]
     print(f"judge: tuned vs base over {report['rows']} rows: win {win['rate']:.2f} "
           f"[{win['lower']:.2f}, {win['upper']:.2f}], tie {tie['rate']:.2f}, loss {loss['rate']:.2f}, "

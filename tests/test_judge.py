@@ -137,9 +137,10 @@ def test_pair_rows_refuses_mismatched_predictions():
 
 # --- a real socket server that misbehaves on purpose -------------------------------------------
 
-def completion(content: str) -> bytes:
+def completion(content: str, usage: dict | None = None) -> bytes:
     return json.dumps({"id": "x", "object": "chat.completion", "choices": [
-        {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}).encode()
+        {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        **({"usage": usage} if usage else {})}).encode()
 
 
 class FaultServer:
@@ -148,7 +149,7 @@ class FaultServer:
     An entry is (status, body, headers) or "hang" (accept, read, never answer) or "trickle"
     (send the headers, then one byte a second)."""
 
-    def __init__(self, script):
+    def __init__(self, script, port=0):
         self.script = list(script)
         self.requests: list[dict] = []
         outer = self
@@ -185,7 +186,7 @@ class FaultServer:
                 self.end_headers()
                 self.wfile.write(payload)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
@@ -199,8 +200,8 @@ class FaultServer:
 def serve():
     servers = []
 
-    def start(*script):
-        server = FaultServer(script)
+    def start(*script, port=0):
+        server = FaultServer(script, port)
         servers.append(server)
         return server
 
@@ -294,7 +295,7 @@ def test_no_key_no_authorization_header(serve):
 
 def test_unsupported_structured_output_says_what_to_set(serve):
     server = serve((400, b'{"error": {"message": "response_format not supported"}}', {}))
-    with pytest.raises(JudgeError, match="response_format: none"):
+    with pytest.raises(JudgeError, match="response_format to one it supports"):
         client(server).complete(MSG, response_format={"type": "json_schema"})
 
 
@@ -349,7 +350,8 @@ def test_stage_off_writes_an_off_report_without_a_server(tmp_path):
 def test_stage_with_a_slot_a_judge_reports_position_bias_not_wins(serve, tmp_path):
     # A judge that always says "A" prefers whatever is shown first: every row flips with the order,
     # so it must come out as all ties with flip rate 1, not as wins for either model.
-    server = serve((200, completion('{"reason": "first is best", "winner": "A"}'), {}))
+    server = serve((200, completion('{"reason": "first is best", "winner": "A"}',
+                                    {"prompt_tokens": 300, "completion_tokens": 12, "total_tokens": 312}), {}))
     secret = "sk-canary-" + os.urandom(6).hex()
     project = _stage_project(tmp_path, {"enabled": True, "url": server.url, "model": "m",
                                         "key_env": "MY_JUDGE_KEY", "retries": 0})
@@ -360,6 +362,7 @@ def test_stage_with_a_slot_a_judge_reports_position_bias_not_wins(serve, tmp_pat
     assert report["tie"]["count"] == 5 and report["win"]["count"] == 0 and report["loss"]["count"] == 0
     assert report["position_bias"]["flip_rate"]["rate"] == 1.0
     assert report["position_bias"]["first_shown_rate"]["rate"] == 1.0
+    assert report["tokens"] == {"prompt": 3000, "completion": 120}     # what the run cost
     replies = [json.loads(line) for line in (project / "data/judge/replies.jsonl").read_text().splitlines()]
     assert sorted((r["id"], r["order"]) for r in replies) == sorted(
         (f"row{i}", o) for i in range(5) for o in ("base_first", "tuned_first"))
@@ -411,3 +414,23 @@ def test_dvc_yaml_params_keep_judge_and_prefs_apart_from_evaluate():
     assert listed("judge", "evaluate") == {f"evaluate.judge.{k}" for k in JudgeParams.model_fields} - {
         f"evaluate.judge.{k}" for k in OPERATIONAL}
     assert listed("prefs", "evaluate") == {"evaluate.prefs"}
+
+
+def test_a_failed_run_resumes_without_asking_again(serve, tmp_path):
+    verdict = (200, completion('{"reason": "x", "winner": "B"}'), {})
+    flaky = serve(verdict, verdict, verdict, (503, b"gone", {}))
+    project = _stage_project(tmp_path, {"enabled": True, "url": flaky.url, "retries": 0})
+    done = _run_stage(project)
+    assert done.returncode == 1 and "HTTP 503" in done.stderr
+    journal = project / "checkpoints/judge/replies.partial.jsonl"
+    assert len(journal.read_text().splitlines()) == 3
+
+    # The same server back up (same URL: the URL is part of what a reply is keyed by).
+    flaky.close()
+    healthy = serve(verdict, port=flaky.httpd.server_address[1])
+    done = _run_stage(project)
+    assert done.returncode == 0, done.stderr
+    assert "resuming: 3 replies" in done.stderr
+    assert len(healthy.requests) == 10 - 3
+    assert json.loads((project / "reports/judge.json").read_text())["judgements"] == 10
+    assert not journal.exists(), "a finished run leaves no journal: a forced re-run asks afresh"

@@ -19,11 +19,13 @@ one impure part (`ChatClient`), so they are tested without a server.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
 import re
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -199,6 +201,11 @@ def summarize(judgements: Sequence[Mapping[str, Any]]) -> dict:
               "unparsable_judgements": sum(j["outcome"] == "unparsable" for j in judgements)}
     for outcome in OUTCOMES:
         report[outcome] = share(rows.count(outcome), n)
+    # What the run cost, in the units APIs bill: summed over the judgements the server reported.
+    for kind in ("prompt_tokens", "completion_tokens"):
+        counted = [j["usage"][kind] for j in judgements if kind in (j.get("usage") or {})]
+        if counted:
+            report.setdefault("tokens", {})[kind.removesuffix("_tokens")] = sum(counted)
     report["position_bias"] = {
         # Rows whose outcome changed when the answers swapped places (0: position never mattered).
         "flip_rate": share(flips, len(both_read)),
@@ -216,6 +223,8 @@ def off_report() -> dict:
 # --- the client -------------------------------------------------------------------------------
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+_FORMAT_HINT = ("if the server rejects the structured-output request, set evaluate.judge.response_format "
+                "to one it supports: json_schema, json_object_schema, json_object or none")
 
 
 class _Retryable(Exception):
@@ -269,6 +278,10 @@ class ChatClient:
 
     def complete(self, messages: list[dict], **options: Any) -> str:
         """The assistant message's content ("" when the server sent none)."""
+        return self.chat(messages, **options)[0]
+
+    def chat(self, messages: list[dict], **options: Any) -> tuple[str, dict]:
+        """(content, token usage {"prompt_tokens", "completion_tokens"} as far as the server says)."""
         payload = json.dumps({"model": self.model, "messages": messages, **options}).encode("utf-8")
         attempts = self.retries + 1
         last = ""
@@ -303,8 +316,7 @@ class ChatClient:
                     403: "check the API key's environment variable (evaluate.judge.key_env)",
                     404: "check evaluate.judge.url (the OpenAI-compatible base, e.g. http://host:8000/v1) "
                          "and evaluate.judge.model",
-                    400: "if the server does not support structured output, set "
-                         "evaluate.judge.response_format: none"}.get(exc.code, "")
+                    400: _FORMAT_HINT, 422: _FORMAT_HINT}.get(exc.code, "")
             raise JudgeError(f"{self.endpoint}: HTTP {exc.code}: {detail}" + (f" ({hint})" if hint else "")) from None
         except (TimeoutError, socket.timeout):
             raise _Retryable(f"no complete answer within {self.timeout_s:g} s (evaluate.judge.timeout_s)") from None
@@ -330,7 +342,7 @@ class ChatClient:
             chunks.append(chunk)
 
     @staticmethod
-    def _content(body: bytes) -> str:
+    def _content(body: bytes) -> tuple[str, dict]:
         try:
             obj = json.loads(body)
             message = obj["choices"][0]["message"]
@@ -338,7 +350,10 @@ class ChatClient:
             snippet = " ".join(body[:120].decode("utf-8", "replace").split())
             raise _Retryable(f"the server's answer is not a chat completion: {snippet!r}") from None
         content = message.get("content") if isinstance(message, dict) else None
-        return content if isinstance(content, str) else ""
+        usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
+        usage = {k: usage[k] for k in ("prompt_tokens", "completion_tokens")
+                 if isinstance(usage.get(k), int) and not isinstance(usage.get(k), bool)}
+        return (content if isinstance(content, str) else ""), usage
 
 
 def response_format_option(kind: str) -> dict:
@@ -346,12 +361,65 @@ def response_format_option(kind: str) -> dict:
     if kind == "json_schema":   # OpenAI, vLLM, llama.cpp's server, Ollama
         return {"response_format": {"type": "json_schema",
                                     "json_schema": {"name": "verdict", "schema": VERDICT_SCHEMA, "strict": True}}}
-    if kind == "json_object":   # older servers: any JSON object (the instruction asks for the keys)
+    if kind == "json_object_schema":   # llama-cpp-python's server (and Anyscale-style APIs)
+        return {"response_format": {"type": "json_object", "schema": VERDICT_SCHEMA}}
+    if kind == "json_object":   # any JSON object (the instruction asks for the keys)
         return {"response_format": {"type": "json_object"}}
     return {}
 
 
 # --- the run ----------------------------------------------------------------------------------
+
+class ReplyJournal:
+    """Replies received so far, appended to a file as they arrive, so that a run that fails half way
+    (rate limit exhausted, server gone, Ctrl-C) resumes without asking -- or paying for -- the same
+    requests again. Keyed by a hash of everything that determines the reply (endpoint, model,
+    messages, options); the stage deletes the file after a successful run, so a later forced
+    re-run asks the judge afresh."""
+
+    def __init__(self, path):
+        from pathlib import Path
+
+        self.path = Path(path)
+        self.replies: dict[str, tuple[str, dict]] = {}
+        self._lock = threading.Lock()
+        if self.path.exists():
+            with open(self.path, encoding="utf-8") as handle:
+                for line in handle:
+                    try:
+                        entry = json.loads(line)
+                        self.replies[entry["key"]] = (entry["content"], entry.get("usage") or {})
+                    except (ValueError, KeyError, TypeError):
+                        continue   # a line cut short by a crash: that request is asked again
+        self.reused = 0
+
+    @staticmethod
+    def key(*parts: Any) -> str:
+        import hashlib
+
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+    def wrap(self, ask: Callable[[list[dict]], tuple[str, dict]], *identity: Any) -> Callable:
+        def cached(messages: list[dict]) -> tuple[str, dict]:
+            key = self.key(*identity, messages)
+            with self._lock:
+                if key in self.replies:
+                    self.reused += 1
+                    return self.replies[key]
+            content, usage = ask(messages)
+            with self._lock:
+                self.replies[key] = (content, usage)
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps({"key": key, "content": content, "usage": usage},
+                                            ensure_ascii=False) + "\n")
+            return content, usage
+        return cached
+
+    def discard(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
 
 def pair_rows(base_rows: Iterable[Mapping], tuned_rows: Iterable[Mapping]) -> list[dict]:
     """Base and tuned predictions joined by row id, in the tuned file's order."""
@@ -371,7 +439,8 @@ def judge_pairs(pairs: Sequence[Mapping], ask: Callable[[list[dict]], str], rubr
                 progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """Judge every pair in both orders; one record per judgement, in a fixed order (row, order).
 
-    `ask(messages) -> reply text` does the request; a JudgeError from it stops the run."""
+    `ask(messages)` does the request and returns the reply text, or (text, token usage); a
+    JudgeError from it stops the run."""
     jobs = []
     for pair in pairs:
         for order in ORDERS:
@@ -383,13 +452,14 @@ def judge_pairs(pairs: Sequence[Mapping], ask: Callable[[list[dict]], str], rubr
 
     def run(job):
         row_id, order, messages = job
-        reply = ask(messages)
+        answer = ask(messages)
+        reply, usage = answer if isinstance(answer, tuple) else (answer, {})
         verdict = parse_verdict(reply)
         finished = next(done)   # itertools.count is atomic under the GIL
         if progress:
             progress(finished, len(jobs))
         return {"id": row_id, "order": order, "reply": reply, "verdict": verdict,
-                "outcome": tuned_outcome(verdict, order)}
+                "outcome": tuned_outcome(verdict, order), **({"usage": usage} if usage else {})}
 
     if concurrency <= 1:
         return [run(job) for job in jobs]

@@ -184,9 +184,10 @@ class JudgeParams(_Section):
     key_env: str = Field(default="JUDGE_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     rubric: str = Field(default=DEFAULT_JUDGE_RUBRIC, min_length=1)
     show_reference: bool = True
-    # json_schema: the verdict's JSON schema is sent (OpenAI, vLLM, llama.cpp, Ollama); json_object:
-    # any JSON object; none: plain text, parsed as best it can be (unreadable -> "unparsable").
-    response_format: Literal["json_schema", "json_object", "none"] = "json_schema"
+    # json_schema: the verdict's JSON schema, OpenAI style (OpenAI, vLLM, llama.cpp's llama-server,
+    # Ollama); json_object_schema: {"type": "json_object", "schema": ...} (llama-cpp-python's server);
+    # json_object: any JSON object; none: plain text, read as best it can be (else "unparsable").
+    response_format: Literal["json_schema", "json_object_schema", "json_object", "none"] = "json_schema"
     temperature: float = Field(default=0.0, ge=0, le=2)
     max_tokens: int = Field(default=256, gt=0, le=1 << 20)
     seed: Optional[int] = Field(default=0, ge=0, le=MAX_SEED)
