@@ -32,3 +32,17 @@ def test_design_references_resolve():
             if anchor not in anchors:
                 broken.append(f"{name}: docs/design.md#{anchor} has no such heading")
     assert not broken, "\n".join(broken)
+
+
+def test_readme_layout_names_every_module_and_command():
+    # The README's Layout section is the map of the code: a module or command it does not name is
+    # one a reader cannot find.
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    layout = readme.split("## Layout", 1)[1].split("```")[1]
+    words = set(re.findall(r"[\w.\-]+", layout))
+    missing = sorted(p.stem for p in (ROOT / "stages/lib").glob("*.py")
+                     if p.stem != "__init__" and p.stem not in words)
+    from qlora_dvc.cli import COMMANDS
+
+    missing += sorted(f"qlora-dvc {name}" for name in COMMANDS if name not in words)
+    assert not missing, f"README's Layout section does not name: {missing}"
