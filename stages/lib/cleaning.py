@@ -7,6 +7,7 @@ in the wrong shape is wrong whatever its length.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +112,7 @@ def clean_file_rows(rows: Iterator[RawRow], data, clean, summary: CleanSummary
                     ) -> Iterator[tuple[bool, dict]]:
     """(True, record) or (False, rejection) for every row of one file, in order."""
     head, fmt = read_ahead_format(rows, data)
-    yield from _clean_rows(_chain(head, rows), fmt, data, clean, summary)
+    yield from _clean_rows(itertools.chain(head, rows), fmt, data, clean, summary)
 
 
 def _clean_rows(rows: Iterator[RawRow], fmt: Optional[str], data, clean, summary: CleanSummary
@@ -208,10 +209,10 @@ def clean_file(path, name: str, data, clean, summary: CleanSummary, batch_rows: 
         batches = _batches(rows, batch_rows)
     if fmt is None:   # nothing readable yet: the format comes from a later row, row by row
         rest = (raw for batch in batches for raw in (batch.rows() if isinstance(batch, JsonlLines) else batch))
-        for kept, row in clean_file_rows(_chain(head, rest), data, clean, summary):
+        for kept, row in clean_file_rows(itertools.chain(head, rest), data, clean, summary):
             yield (dumps_record(row) + "\n", "") if kept else ("", dumps_record(row) + "\n")
         return
-    items = _chain([head] if head else [], batches)
+    items = itertools.chain([head] if head else [], batches)
     for cleaned in ordered_map(functools.partial(clean_batch, fmt=fmt, data=data, clean=clean), items, workers):
         summary.merge(cleaned.summary)
         yield cleaned.kept, cleaned.rejected
@@ -255,8 +256,3 @@ def _detect(rows: list[dict], name: str, fields) -> str | None:
                          f"{', '.join(seen)}). Set data.format, or data.fields.prompt and "
                          "data.fields.response for question/answer columns")
     return fmt
-
-
-def _chain(head, rest):
-    yield from head
-    yield from rest

@@ -15,7 +15,6 @@ picks per-tensor types for those (and k-quants, which gguf-py cannot write at al
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -155,9 +154,8 @@ def merge_adapter(resolved, adapter_dir: Path, merged_dir: Path, *, checks: list
     with atomic_dir(merged_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        # save_pretrained leaves some files 0600: atomic_dir gives every file the umask's mode.
         write_text(tmp / "README.md", _model_card(resolved.label, dtype_name, stops, tokenizer))
-        for path in tmp.iterdir():  # save_pretrained leaves some files 0600; outputs follow umask
-            os.chmod(path, 0o666 & ~_umask())
     del merged, peft_model, base
 
     reloaded = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=dtype,
@@ -184,12 +182,6 @@ def merge_adapter(resolved, adapter_dir: Path, merged_dir: Path, *, checks: list
                   "max_abs_logit_diff": max_diff,
                   "greedy_tokens_equal": all(r["tokens_equal"] for r in rows), "rows": rows},
     }
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,7 +402,6 @@ def export_gguf(merged_dir: Path, gguf_dir: Path, gguf_type: str, *, label: str)
         info = write_gguf(merged_dir, tmp / file_name, gguf_type, tokenizer_pre=builtin_tokenizer_pre(label),
                           name=f"{label}-merged")
         write_text(tmp / "Modelfile", modelfile_text(file_name, tokenizer))
-        os.chmod(tmp / file_name, 0o666 & ~_umask())
     info["file"] = str(gguf_dir / file_name)
     return info
 

@@ -8,6 +8,7 @@ identical to a single-process run (tests/test_parallel.py).
 """
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 from collections import deque
@@ -59,7 +60,7 @@ def ordered_map(function: Callable[[T], R], items: Iterable[T], workers: Optiona
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         pending: deque = deque()
         try:
-            for item in _chain(head, items):
+            for item in itertools.chain(head, items):
                 pending.append(pool.submit(function, item))
                 if len(pending) >= 2 * workers:
                     yield pending.popleft().result()
@@ -68,8 +69,3 @@ def ordered_map(function: Callable[[T], R], items: Iterable[T], workers: Optiona
         finally:
             for future in pending:
                 future.cancel()
-
-
-def _chain(head, rest):
-    yield from head
-    yield from rest
