@@ -9,10 +9,16 @@ token ids) and the same Llama-3-8B-shaped model with random weights, nf4 + doubl
   throughput  the train stage's GPU default: plan_training(profile throughput) -> build_trainer,
               i.e. LoRA r=16 on all linear layers, packed padding-free micro-batches of a token
               budget with varlen (per-example) attention, no checkpointing, Liger kernels;
-  low_memory  the same with gradient checkpointing and a smaller token budget (16-24 GB cards).
+  low_memory  the same with gradient checkpointing and a smaller token budget (16-24 GB cards);
+  trl:...     "best TRL": TRL's SFTTrainer tuned for speed as its documentation recommends (packing
+              bfd, padding-free collation, Liger, all-linear LoRA r=16 with the project's alpha and
+              dropout, no checkpointing), 16k tokens per optimizer step as a 16k-token row or as
+              4k-token rows x gradient accumulation 4 (--trl-arms), SDPA attention, each arm in its
+              own process. Our arms get `ratio_to_fastest_trl` (median and aggregate).
 
 Variants for the notes (--arms, ';'-separated): `throughput:tokens=8192`, `throughput:attention=sdpa`,
-`throughput:liger=0`, `throughput:dropout=0`, `low_memory:tokens=8192`, or several keys at once:
+`throughput:liger=0`, `throughput:dropout=0`, `throughput:fused=0` (peft's own LoRA forward instead of
+stages/lib/fused_lora.py), `low_memory:tokens=8192`, or several keys at once:
 `throughput:tokens=8192,liger=0`. Arms run in the order given on one loaded model; Liger patches the
 model in place, so list the `liger=0` arms first.
 
@@ -23,7 +29,7 @@ MFU = tokens/s * (4 * N_matmul + 6 * N_lora) / 989e12 (frozen base: no weight gr
 recomputation under checkpointing is not counted as useful work).
 
 Usage on a GPU machine, from the repository root:
-    python bench/train_throughput.py                       # seed, throughput, low_memory
+    python bench/train_throughput.py                       # seed, best-TRL arms, throughput, low_memory
     python bench/train_throughput.py --no-seed --arms 'throughput:liger=0;throughput;throughput:tokens=8192'
     python bench/train_throughput.py --profile-steps 2     # + per-phase breakdown of throughput
 Writes reports/bench/train_throughput.json (--out) and prints a table.
@@ -52,6 +58,8 @@ PEAK_FLOPS = 989e12        # H100/H200 SXM dense bf16, datasheet
 WARMUP = 2                 # steps excluded from timing (compilation, allocator growth)
 SEED_STEPS = 14            # as seed_recipe.py
 SEED_SEQS_PER_STEP = 16    # batch 4 x accum 4
+# "Best TRL" arms: 16k tokens per optimizer step either way (as the project's throughput profile).
+DEFAULT_TRL_ARMS = "trl:tokens=16384,accum=1;trl:tokens=4096,accum=4"
 
 
 def llama8b_config():
@@ -233,6 +241,8 @@ def time_trainer(trainer, decoder, flops_const: float, profile_steps: int = 0) -
         "n_lora": n_lora, "flops_per_token": flops_per_token,
         "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
         "final_loss": next((e["loss"] for e in reversed(trainer.state.log_history) if "loss" in e), None),
+        # Per-step losses (logging_steps=1): arms on the same data and seed must trace the same curve.
+        "losses": [round(e["loss"], 5) for e in trainer.state.log_history if "loss" in e],
     }
     if profile_steps and meter.profiler is not None:
         result["breakdown"] = breakdown(meter.profiler, profile_steps, tokens[-1] - tokens[timed_end],
@@ -269,6 +279,48 @@ def worker_seed(rows, steps: int) -> dict:
     result = time_trainer(trainer, model.get_base_model().model, 4 * n_matmul(model.config))
     result.update(load_quantize_s=round(load_s, 1), attention=model.config._attn_implementation,
                   plan="seed_recipe.py: q/k/v/o r=16, batch 4 x accum 4, max_length 1024, no packing")
+    return result
+
+
+def worker_trl(rows, spec: str, steps: int) -> dict:
+    """"Best TRL": TRL's own SFTTrainer tuned as its documentation recommends for speed, with the
+    project's model, data, LoRA (r=16 alpha=32 dropout 0.05 on all linear layers) and timing:
+    best-fit-decreasing packing, padding-free collation, Liger kernels, no gradient checkpointing.
+    Spec `trl:tokens=16384,accum=1,attention=sdpa,dropout=0.05`: packed row length, gradient
+    accumulation, attention implementation and LoRA dropout; tokens x accum is the tokens per
+    optimizer step."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    _, options = parse_arm(spec)
+    tokens, accum = int(options.get("tokens", 16384)), int(options.get("accum", 1))
+    attention = options.get("attention", "sdpa")
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4",
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, quantization_config=bnb, device_map={"": 0},
+                                                 dtype=torch.bfloat16, attn_implementation=attention)
+    torch.cuda.synchronize()
+    load_s = time.perf_counter() - started
+    model.config.use_cache = False
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=float(options.get("dropout", 0.05)),
+                      target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
+    args = SFTConfig(output_dir=tempfile.mkdtemp(prefix="bench-trl-"), max_steps=steps, learning_rate=2e-4,
+                     bf16=True, logging_steps=1, save_strategy="no", report_to="none",
+                     per_device_train_batch_size=1, gradient_accumulation_steps=accum, max_length=tokens,
+                     packing=True, packing_strategy="bfd", padding_free=True, gradient_checkpointing=False,
+                     use_liger_kernel=True, dataloader_num_workers=0)
+    trainer = SFTTrainer(model=model, train_dataset=Dataset.from_dict({"input_ids": rows}), args=args,
+                         processing_class=wordlevel_tokenizer(), peft_config=lora)
+    result = time_trainer(trainer, trainer.model.get_base_model().model, 4 * n_matmul(model.config))
+    result.update(load_quantize_s=round(load_s, 1), attention=model.config._attn_implementation,
+                  lora={"r": 16, "alpha": 32, "dropout": lora.lora_dropout, "target_modules": "all-linear"},
+                  plan=f"TRL SFTTrainer: all-linear r=16, packing bfd, padding-free, Liger, no checkpointing, "
+                       f"{tokens}-token rows x grad accum {accum} ({attention})")
     return result
 
 
@@ -312,6 +364,8 @@ def worker_project(rows, arms: list[str], steps: int, profile_steps: int, result
         plan = resolve_plan(train, model) if "tokens" not in options else resolve_plan(train)
         if options.get("liger") == "0":
             plan = replace(plan, liger=False)
+        if "fused" in options:
+            plan = replace(plan, fused_lora=options["fused"] == "1")
         if options.get("attention") == "sdpa":
             plan = replace(plan, attention=None)
         if plan.attention is None:
@@ -373,6 +427,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", default="throughput;low_memory",
                         help="project arms, ';'-separated, e.g. 'throughput;throughput:tokens=8192,liger=0'")
+    parser.add_argument("--trl-arms", default=DEFAULT_TRL_ARMS,
+                        help="'best TRL' arms, ';'-separated, each in its own process ('' for none)")
     parser.add_argument("--no-seed", action="store_true", help="skip the reference arm")
     parser.add_argument("--steps", type=int, default=12, help="steps per project arm, warm-up included")
     parser.add_argument("--seed-steps", type=int, default=SEED_STEPS)
@@ -380,14 +436,16 @@ def main() -> int:
     parser.add_argument("--profile-arm", default="throughput")
     parser.add_argument("--out", default=str(ROOT / "reports/bench/train_throughput.json"))
     parser.add_argument("--work-dir", help="where the workers' own result files go (default: a temp dir)")
-    parser.add_argument("--worker", choices=["seed", "project"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["seed", "project", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     arms = [a for a in args.arms.split(";") if a]
+    trl_arms = [a for a in args.trl_arms.split(";") if a]
 
     max_tokens = 16384
-    for spec in arms:
-        max_tokens = max(max_tokens, int(parse_arm(spec)[1].get("tokens", 0)))
+    for spec in arms + trl_arms:
+        options = parse_arm(spec)[1]
+        max_tokens = max(max_tokens, int(options.get("tokens", 0)) * int(options.get("accum", 1)))
     n_rows = max(args.seed_steps * SEED_SEQS_PER_STEP + 64,
                  math.ceil(1.5 * max_tokens * (args.steps + args.profile_steps) / 187))
 
@@ -395,6 +453,8 @@ def main() -> int:
         rows = make_rows(n_rows)
         if args.worker == "seed":
             result = worker_seed(rows, args.seed_steps)
+        elif args.worker == "trl":
+            result = worker_trl(rows, arms[0], args.steps)
         else:
             result = worker_project(rows, arms, args.steps, args.profile_steps, args.result, args.profile_arm)
         Path(args.result).write_text(json.dumps(result))
@@ -415,11 +475,12 @@ def main() -> int:
         "peak_flops": PEAK_FLOPS, "arms": {},
     }
     del rows
-    jobs = ([] if args.no_seed else [("seed", [])]) + ([("project", arms)] if arms else [])
-    for worker, worker_arms in jobs:
+    jobs = (([] if args.no_seed else [("seed", [])]) + [("trl", [spec]) for spec in trl_arms]
+            + ([("project", arms)] if arms else []))
+    for number, (worker, worker_arms) in enumerate(jobs):
         work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-results-"))
         work_dir.mkdir(parents=True, exist_ok=True)
-        result_path = str(work_dir / f"{worker}_result.json")
+        result_path = str(work_dir / f"{worker}{number}_result.json")
         command = [sys.executable, __file__, "--worker", worker, "--result", result_path,
                    "--steps", str(args.steps), "--seed-steps", str(args.seed_steps),
                    "--profile-steps", str(args.profile_steps), "--profile-arm", args.profile_arm,
@@ -430,8 +491,8 @@ def main() -> int:
             result = json.loads(Path(result_path).read_text())
         except (OSError, ValueError):
             result = {"error": f"worker exited with {code}"}
-        if worker == "seed":
-            report["arms"]["seed"] = result
+        if worker in ("seed", "trl"):
+            report["arms"]["seed" if worker == "seed" else worker_arms[0]] = result
         else:
             report["arms"].update(result if "error" not in result else {a: result for a in worker_arms})
 
@@ -445,7 +506,24 @@ def main() -> int:
     report["ratio"] = main_arm.get("ratio_to_seed")
     report["mfu"] = main_arm.get("mfu")
     report["low_memory_ratio"] = low.get("ratio_to_seed")
+    trl_done = {name: arm for name, arm in report["arms"].items() if "trl" in name and arm.get("tokens_per_s")}
+    if trl_done:
+        fastest = max(trl_done, key=lambda name: trl_done[name]["tokens_per_s"])
+        best = trl_done[fastest]
+        report["fastest_trl_arm"] = fastest
+        for name, arm in report["arms"].items():
+            if "trl" not in name and arm.get("tokens_per_s"):
+                arm["ratio_to_fastest_trl"] = round(arm["tokens_per_s"] / best["tokens_per_s"], 2)
+                arm["ratio_to_fastest_trl_aggregate"] = round(
+                    arm["tokens_per_s_aggregate"] / max(a["tokens_per_s_aggregate"] for a in trl_done.values()), 2)
+    report["ratio_to_fastest_trl"] = main_arm.get("ratio_to_fastest_trl")
     report["targets"] = {
+        "throughput >= 2x fastest TRL arm (median)": bool(
+            report["ratio_to_fastest_trl"] and report["ratio_to_fastest_trl"] >= 2),
+        "throughput MFU >= 55%": bool(report["mfu"] and report["mfu"] >= 0.55),
+        "low_memory >= 8x seed at <= 10 GiB reserved": bool(
+            report["low_memory_ratio"] and report["low_memory_ratio"] >= 8
+            and low.get("peak_reserved_gib", 99) <= 10),
         "throughput >= 10x seed": bool(report["ratio"] and report["ratio"] >= 10),
         "throughput MFU >= 35%": bool(report["mfu"] and report["mfu"] >= 0.35),
         "low_memory >= 3x seed at <= 10 GiB peak": bool(
@@ -457,12 +535,14 @@ def main() -> int:
     out.write_text(json.dumps(report, indent=2) + "\n")
 
     print(f"\n{report['gpu']}, {report['date']}, " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()))
-    print(f"{'arm':34} {'tok/s':>9} {'x seed':>7} {'MFU':>6} {'alloc':>7} {'reserv':>7} {'step s':>7} {'tok/step':>9}")
+    print(f"{'arm':34} {'tok/s':>9} {'aggr':>7} {'x seed':>7} {'x TRL':>6} {'MFU':>6} {'alloc':>7} {'reserv':>7} "
+          f"{'step s':>7} {'tok/step':>9}")
     for name, arm in report["arms"].items():
         if "error" in arm:
             print(f"{name:34} ERROR {arm['error'][:100]}")
             continue
-        print(f"{name:34} {arm['tokens_per_s']:9.0f} {arm.get('ratio_to_seed', 0) or 0:7.2f} {arm['mfu']:6.1%} "
+        print(f"{name:34} {arm['tokens_per_s']:9.0f} {arm['tokens_per_s_aggregate']:7.0f} "
+              f"{arm.get('ratio_to_seed', 0) or 0:7.2f} {arm.get('ratio_to_fastest_trl', 0) or 0:6.2f} {arm['mfu']:6.1%} "
               f"{arm['peak_allocated_gib']:7.1f} {arm['peak_reserved_gib']:7.1f} {arm['step_s_median']:7.3f} "
               f"{arm['tokens_per_step_mean']:9.0f}")
     profiled = report["arms"].get(args.profile_arm, {})

@@ -1,7 +1,8 @@
 """Stage `train`: QLoRA on the train split -> models/adapter/, reports/train.json, loss curves.
 
-With train.num_processes > 1 the stage re-launches itself under `accelerate launch` (DDP), so the
-command in dvc.yaml stays `python -m stages.train` on any machine.
+With train.num_processes > 1, several machines or train.distributed: fsdp the stage re-launches
+itself under `accelerate launch` (DDP or FSDP-QLoRA, stages/lib/distributed.py), so the command in
+dvc.yaml stays `python -m stages.train` on any machine.
 """
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ CURVES = Path("reports/train")
 CHECKPOINTS = Path("checkpoints/train")
 
 
-def _relaunch_with_accelerate(num_processes: int) -> int:
+def _relaunch_with_accelerate(train) -> int:
+    from stages.lib.distributed import launch_command
+
     accelerate = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
-    command = [accelerate, "launch", "--num_processes", str(num_processes), "-m", "stages.train"]
+    command = launch_command(train, accelerate)
     print("running:", " ".join(command), file=sys.stderr)
     os.execv(accelerate, command)
     return 1  # not reached
@@ -35,8 +38,10 @@ def main() -> int:
     except ParamsError as exc:
         print(exc, file=sys.stderr)
         return 1
-    if params.train.num_processes > 1 and "LOCAL_RANK" not in os.environ:
-        return _relaunch_with_accelerate(params.train.num_processes)
+    from stages.lib.distributed import needs_launch
+
+    if needs_launch(params.train):
+        return _relaunch_with_accelerate(params.train)
 
     from stages.lib.modeling import ModelError
     from stages.lib.chat import TemplateError

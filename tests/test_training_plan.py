@@ -93,3 +93,12 @@ def test_fit_token_budget_only_lowers():
     cpu = TrainingPlan("cpu", "fp32", True, False, False, False, 8, 1)
     assert fit_token_budget(cpu, LLAMA_8B, 1, 0.05) is cpu
 
+
+
+def test_fused_lora_is_on_for_the_cuda_profiles_with_nf4_only():
+    assert _plan(True).fused_lora and _plan(True, profile="low_memory").fused_lora
+    assert not _plan(False).fused_lora                       # CPU keeps peft's own forward
+    assert not _plan(True, profile="cpu").fused_lora
+    assert not _plan(True, quantization="none").fused_lora   # the fused path is for 4-bit layers
+    assert not _plan(True, fused_lora=False).fused_lora
+    assert _plan(True, profile="cpu", fused_lora=True).fused_lora

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_ROOT = Path("checkpoints/train")
 SEAL = "checkpoint_seal.json"
 # Keys that do not change what is learned: editing them must not throw away a resumable run.
-_NON_SEMANTIC_TRAIN_KEYS = {"logging_steps", "save_steps", "save_total_limit", "eval_steps", "num_processes"}
+_NON_SEMANTIC_TRAIN_KEYS = {"logging_steps", "save_steps", "save_total_limit", "eval_steps", "num_processes",
+                            "num_machines", "main_process_ip", "main_process_port"}
 
 
 def run_fingerprint(data_files: list[Path], model_params: dict, train_params: dict) -> str:

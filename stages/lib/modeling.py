@@ -137,15 +137,18 @@ def load_tokenizer(resolved: ResolvedModel):
     return tokenizer
 
 
-def load_model(resolved: ResolvedModel, *, quantize: bool, compute_dtype, device_map=None):
-    """Load the base model, nf4 + double quantisation when `quantize` (bitsandbytes, CPU or CUDA)."""
+def load_model(resolved: ResolvedModel, *, quantize: bool, compute_dtype, device_map=None, quant_storage=None):
+    """Load the base model, nf4 + double quantisation when `quantize` (bitsandbytes, CPU or CUDA).
+    `quant_storage`: the dtype the packed 4-bit weights are stored in (FSDP-QLoRA needs the compute
+    dtype there; default uint8)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs = resolved.from_pretrained_kwargs()
     if quantize:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype)
+            bnb_4bit_compute_dtype=compute_dtype,
+            **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}))
     try:
         return AutoModelForCausalLM.from_pretrained(resolved.path, dtype=compute_dtype,
                                                     device_map=device_map, **kwargs)

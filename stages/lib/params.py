@@ -153,13 +153,26 @@ class TrainParams(_Section):
     # null: the profile's default (bench/NOTES.md), lowered to what fits in free GPU memory.
     tokens_per_batch: Optional[int] = Field(default=None, gt=0, le=1 << 26)
     gradient_checkpointing: Optional[bool] = None
+    # LoRA of the nf4 layers through the fused path (stages/lib/fused_lora.py); null: on for the
+    # CUDA profiles. false: peft's own per-layer forward.
+    fused_lora: Optional[bool] = None
     lora: LoraParams = LoraParams()
     logging_steps: int = Field(default=5, gt=0, le=BIG)
     save_steps: int = Field(default=8, gt=0, le=BIG)
     save_total_limit: int = Field(default=2, gt=0, le=1000)
     eval_steps: int = Field(default=20, gt=0, le=BIG)
     early_stopping_patience: Optional[int] = Field(default=None, gt=0, le=BIG)
+    # Processes (GPUs) per machine; > 1 (or distributed: fsdp) runs the stage under `accelerate
+    # launch` (stages/lib/distributed.py).
     num_processes: int = Field(default=1, gt=0, le=1024)
+    # ddp: every GPU holds the whole nf4 model. fsdp: FSDP-QLoRA, the model sharded over the GPUs
+    # (for models that do not fit one).
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    # Several machines: the same params on each; each machine's rank comes from MACHINE_RANK (or
+    # SLURM_NODEID) in its environment.
+    num_machines: int = Field(default=1, gt=0, le=4096)
+    main_process_ip: Optional[str] = None
+    main_process_port: int = Field(default=29500, gt=0, le=65535)
 
 # The default rubric fits the shipped sample task (support ticket -> JSON triage record).
 DEFAULT_JUDGE_RUBRIC = (
@@ -355,9 +368,14 @@ def _cross_field_problems(raw: dict, invalid: set[str]) -> list[str]:
         if value("train.early_stopping_patience") and value("split.validation_fraction") == 0:
             return "train.early_stopping_patience needs split.validation_fraction > 0 (it stops on validation loss)"
 
+    def rule_machines_need_an_address():
+        if value("train.num_machines") > 1 and not value("train.main_process_ip"):
+            return (f"train.num_machines is {value('train.num_machines')}: set train.main_process_ip "
+                    "(the address of the machine with rank 0) for the machines to meet")
+
     problems = []
     for rule in (rule_columns, rule_chars, rule_fractions, rule_group_by, rule_early_stopping_saves,
-                 rule_early_stopping_validation):
+                 rule_early_stopping_validation, rule_machines_need_an_address):
         try:
             problem = rule()
         except (LookupError, TypeError):

@@ -5,6 +5,7 @@ packing, gradient checkpointing, fused kernels) from the device and `train.profi
 """
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 import time
@@ -55,6 +56,8 @@ class TrainingPlan:
     tokens_per_batch: int | None = None
     # Attention implementation set on the model; None keeps the model's default (sdpa).
     attention: str | None = None
+    # LoRA on the 4-bit linears through stages/lib/fused_lora.py instead of peft's per-layer path.
+    fused_lora: bool = False
 
 
 def plan_training(train, cuda: bool, bf16_supported: bool = True, liger_available: bool = False,
@@ -88,13 +91,20 @@ def plan_training(train, cuda: bool, bf16_supported: bool = True, liger_availabl
         batch_size = 1                          # one packed row per micro-batch
     else:
         tokens = None
+    # The fused LoRA path: same function, fewer passes over activations (bench/NOTES.md); on by
+    # default where throughput is the point (CUDA profiles, nf4), off on CPU (plain peft).
+    quantize = train.quantization == "nf4"
+    fused = train.fused_lora if train.fused_lora is not None else on_gpu_profile
+    if train.distributed == "fsdp":
+        fused = False  # FSDP flattens the 4-bit weights; bitsandbytes' own forward knows how to read them
     return TrainingPlan(
         device="cuda" if cuda else "cpu", compute_dtype=dtype, quantize=train.quantization == "nf4",
         packing=packing, gradient_checkpointing=bool(checkpointing),
         liger=bool(cuda and liger_available and profile != "cpu"),
         per_device_batch_size=batch_size, grad_accum=train.grad_accum, profile=profile,
         tokens_per_batch=tokens,
-        attention=PACKED_ATTENTION if (packing and cuda and varlen_available) else None)
+        attention=PACKED_ATTENTION if (packing and cuda and varlen_available) else None,
+        fused_lora=bool(fused and quantize))
 
 
 def activation_bytes_per_token(config, checkpointing: bool, lora_dropout: float) -> int:
@@ -253,6 +263,10 @@ def build_trainer(plan: TrainingPlan, train, *, model, tokenizer, train_dataset,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=tokenizer, peft_config=lora, callbacks=list(callbacks))
+    if plan.fused_lora:
+        from stages.lib.fused_lora import fuse_lora
+
+        fuse_lora(trainer.model)
     if plan.compute_dtype == "fp32":
         # TRL stores LoRA weights of a quantised model in bf16 (the QLoRA paper's GPU recipe); with
         # fp32 compute on CPU keep them fp32, or small Adam updates round away.
@@ -329,8 +343,11 @@ def run_training(params, *, train_path: Path, validation_path: Path, adapter_dir
               file=sys.stderr)
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # FSDP-QLoRA: nf4 weights stored in the compute dtype so that FSDP can flatten and shard them
+    # together with the LoRA weights (stages/lib/distributed.py).
     model = load_model(resolved, quantize=plan.quantize, compute_dtype=dtype,
-                       device_map={"": local_rank} if cuda else None)
+                       device_map={"": local_rank} if cuda else None,
+                       quant_storage=dtype if train.distributed == "fsdp" else None)
     if cuda:
         plan = resolve_plan(train, model)  # the token budget, fitted to the memory left after loading
     callbacks = [checkpoints.make_seal_callback(), make_dvclive_callback(live_dir)]
@@ -339,6 +356,9 @@ def run_training(params, *, train_path: Path, validation_path: Path, adapter_dir
     trainer = build_trainer(plan, train, model=model, tokenizer=tokenizer, train_dataset=train_dataset,
                             eval_dataset=eval_dataset, output_dir=str(run_dir), callbacks=callbacks)
 
+    # The adapter's dtype as this run creates it (bf16 for QLoRA on CUDA): what is saved at the end,
+    # whatever a sharding engine did to the trainable weights meanwhile.
+    adapter_dtype = next(p.dtype for p in trainer.model.parameters() if p.requires_grad)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -364,14 +384,20 @@ def run_training(params, *, train_path: Path, validation_path: Path, adapter_dir
         "trainable_params": trainable,
         "resumed_from_step": int(resume_from.name.split("-")[-1]) if resume_from else None,
     }
-    if trainer.is_world_process_zero():
-        with atomic_dir(adapter_dir) as tmp:
-            trainer.model.save_pretrained(tmp, safe_serialization=True)
+    # Every process takes part in gathering the adapter (FSDP shards it); the first one writes it,
+    # in the same format as a one-GPU run.
+    from stages.lib.distributed import save_adapter
+
+    main = trainer.is_world_process_zero()
+    with (atomic_dir(adapter_dir) if main else contextlib.nullcontext()) as tmp:
+        save_adapter(trainer.model_wrapped, tmp, is_main=main, dtype=adapter_dtype)
+        if main:
             tokenizer.save_pretrained(tmp)
             write_json(tmp / "training_config.json", {
                 "base_model": {"base": params.model.base, "resolved": resolved.path,
                                "revision": resolved.revision},
                 "train": train.model_dump(), "plan": asdict(plan), "versions": _versions()})
+    if main:
         # The adapter is now in DVC's hands; the checkpoints have served their purpose.
         checkpoints.remove_run(run_dir)
     return report
