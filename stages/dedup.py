@@ -6,7 +6,9 @@ Two passes over data/clean/records.jsonl: the first builds a compact index (an e
 MinHash fingerprint and LSH band keys per record: a few hundred bytes, whatever the text length;
 batches are parsed and hashed by worker processes, stages/lib/parallel.py), the second copies
 kept records byte for byte to data/dedup/records.jsonl and writes one row per removed record to
-data/dedup/removed.jsonl. reports/dedup.json counts them and, when the clean
+data/dedup/removed.jsonl. data/dedup/signatures.npy keeps every clean record's fingerprint and
+dedup's decision for split (which groups with them, removed rows included, instead of hashing
+again). reports/dedup.json counts them and, when the clean
 report is there, checks the whole accounting: rows_in(clean) = kept + rejected + removed.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ CLEAN_RECORDS = Path("data/clean/records.jsonl")
 CLEAN_REPORT = Path("reports/clean.json")
 RECORDS = Path("data/dedup/records.jsonl")
 REMOVED = Path("data/dedup/removed.jsonl")
+SIGNATURES = Path("data/dedup/signatures.npy")
 REPORT = Path("reports/dedup.json")
 
 
@@ -46,7 +49,7 @@ def main() -> int:
         rows = 0   # read_batches reports the missing file below
     ids = minhash.GrowingArray(None, np.uint64, rows)   # 8 bytes per record, not a Python string
     exact_keys = minhash.GrowingArray(None, np.uint64, rows)
-    fingerprints = minhash.GrowingArray(params.num_perm, np.uint16, rows if params.near else 1)
+    fingerprints = minhash.GrowingArray(params.num_perm, np.uint16, rows)
     band_keys = minhash.GrowingArray(layout.bands, np.uint32, rows if params.near else 1)
     try:
         with progress_bar("dedup: index") as progress:
@@ -55,8 +58,8 @@ def main() -> int:
             for batch in ordered_map(index_batch, minhash.read_batches(CLEAN_RECORDS)):
                 ids.extend(batch.ids)
                 exact_keys.extend(batch.exact_keys)
+                fingerprints.extend(batch.fingerprints)   # always: split reads them (SIGNATURES)
                 if params.near:
-                    fingerprints.extend(batch.fingerprints)
                     band_keys.extend(batch.band_keys)
                 progress.update(len(batch.ids))
     except minhash.RecordFileError as exc:
@@ -71,6 +74,8 @@ def main() -> int:
                                    band_keys.array() if params.near else None, params.threshold)
     kinds = {minhash.EXACT: "exact", minhash.NEAR: "near"}
     try:
+        with atomic_file(SIGNATURES, "wb") as signatures_out:
+            minhash.write_signatures(signatures_out, ids, dups, fingerprints.array(), params.shingle_size, params.seed)
         with atomic_file(RECORDS, "wb") as kept_out, atomic_file(REMOVED) as removed_out:
             row = 0
             kind = dups.kind.tolist()

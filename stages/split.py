@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 DEDUP_RECORDS = Path("data/dedup/records.jsonl")
+DEDUP_SIGNATURES = Path("data/dedup/signatures.npy")
 OUTPUTS = {0: Path("data/split/train.jsonl"), 1: Path("data/split/validation.jsonl"), 2: Path("data/split/test.jsonl")}
 REPORT = Path("reports/split.json")
 BATCH = 4096
@@ -62,7 +63,7 @@ def _main(stack) -> int:
     except ParamsError as exc:
         print(f"split: {exc}", file=sys.stderr)
         return 1
-    params, dedup = all_params.split, all_params.dedup
+    params = all_params.split
 
     def bar(desc, total):
         return progress_bar(desc, total)
@@ -72,15 +73,22 @@ def _main(stack) -> int:
     except FileNotFoundError:
         print(f"split: {DEDUP_RECORDS}: not found (run the dedup stage first: dvc repro dedup)", file=sys.stderr)
         return 1
-    hasher = minhash.MinHasher(dedup.num_perm, dedup.shingle_size, dedup.seed)
-    layout = splitting.group_layout(n_hint, params.group_threshold, dedup.num_perm)
+    try:
+        # Fingerprints as dedup computed them (with its params), and the rows it removed.
+        signatures = minhash.read_signatures(DEDUP_SIGNATURES)
+    except minhash.RecordFileError as exc:
+        print(f"split: {exc}", file=sys.stderr)
+        return 1
+    layout = splitting.group_layout(n_hint, params.group_threshold, signatures.num_perm)
     word_counts = {role: audit.WordFrequency() for role in splitting.COMPARED_ROLES}
     scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="split-tokens-"))
     try:
         with bar("split: index", n_hint) as progress:
-            index = splitting.build_index(DEDUP_RECORDS, hasher, layout, params.group_by,
+            index = splitting.build_index(DEDUP_RECORDS, None, layout, params.group_by,
                                           splitting.TokenStore(scratch), progress, observers=word_counts,
                                           expected_rows=n_hint)
+        splitting.attach_signatures(index, signatures, layout, str(DEDUP_SIGNATURES))
+        del signatures
     except minhash.RecordFileError as exc:
         print(f"split: {exc}", file=sys.stderr)
         return 1
@@ -93,16 +101,20 @@ def _main(stack) -> int:
               "add the column to data.keep_columns so clean copies it", file=sys.stderr)
         return 1
 
-    grouping = splitting.split_groups(index, params)
+    grouping = splitting.split_groups(index, params, word_counts)
     sides = grouping.sides
+    cutoff = splitting.common_cutoff(n, params.ngram_max_df)
     checks = {
         "exact_prompt": audit.exact_check(index.prompt_keys, sides),
-        "exact_answer": audit.exact_check(index.answer_keys, sides,
-                                          splitting.common_cutoff(n, params.ngram_max_df)),
+        "exact_answer": audit.exact_check(index.answer_keys, sides, cutoff),
         "near_duplicate": audit.near_duplicate_check(index, sides, params.group_threshold, grouping.similar),
+        "near_duplicate_via_removed": audit.removed_link_check(index, sides, params.group_threshold,
+                                                               grouping.removed_pairs),
+        "prefix": audit.prefix_check(index, sides, cutoff),
     }
     # Pass 2: word n-grams of test rows, then of the others, from the token store.
-    ngram_checks = audit.ngram_checks(index, sides, params.ngram, params.ngram_max_df, word_counts, hasher.words)
+    ngram_checks = audit.ngram_checks(index, sides, params.ngram, params.ngram_max_df, word_counts,
+                                      minhash.WordHasher())
     for role, check in ngram_checks.items():
         checks[f"ngram_{role}"] = check.result(n, params.ngram_max_df)
 
@@ -154,6 +166,7 @@ def _main(stack) -> int:
         "groups": int(len(group_sizes)),
         "groups_with_several_rows": int(np.sum(group_sizes > 1)),
         "largest_group": int(group_sizes.max()),
+        "largest_group_links": grouping.largest,
         "grouping": {"method": grouping.method, "similar_pairs": grouping.near_pairs, "joined_by": grouping.joined,
                      "pairs_compared": int(grouping.candidates), "group_threshold": params.group_threshold,
                      "group_by": params.group_by,
@@ -165,6 +178,12 @@ def _main(stack) -> int:
     }
     if params.group_by:
         report["grouping"]["rows_without_group_by"] = sum(v is None for v in index.group_values)
+    # A side whose fraction is > 0 must get rows: an empty test split measures nothing, and an
+    # empty validation split silently turns off evaluation during training.
+    wanted = {splitting.TEST: params.test_fraction, splitting.VALIDATION: params.validation_fraction}
+    empty = [splitting.SIDE_NAMES[side] for side, fraction in wanted.items() if fraction > 0 and counts[side] == 0]
+    report["empty_sides"] = empty
+    report["passed"] = report["passed"] and not empty
     try:
         write_json(REPORT, report)
     except OutputError as exc:
@@ -173,6 +192,20 @@ def _main(stack) -> int:
     print(f"split: {n} rows -> train {report['train']}, validation {report['validation']}, test {report['test']} "
           f"({report['groups']} groups); leakage audit: "
           + ", ".join(f"{name} {entry['pairs']}" for name, entry in audit_report.items()))
+    largest = grouping.largest
+    giant_note = (f"the largest group holds {largest['rows']} of {n} rows ({largest['share']:.0%}), joined by "
+                  + ", ".join(f"{reason} ({count} links)" for reason, count in
+                              sorted(largest["links"].items(), key=lambda item: -item[1]))
+                  + f"; see largest_group_links in {REPORT}")
+    if largest["giant"]:
+        print(f"split: warning: one group swallows most of the data: {giant_note}", file=sys.stderr)
+    if empty:
+        print(f"split: the {' and '.join(empty)} split is empty ({n} rows in {report['groups']} groups; "
+              + ", ".join(f"split.{side}_fraction={wanted[splitting.TEST if side == 'test' else splitting.VALIDATION]}"
+                          for side in empty)
+              + f"); {giant_note}. Add rows, raise the fraction, or set it to 0 (validation only)",
+              file=sys.stderr)
+        return 1
     if leaked > params.max_leakage:
         names = []
         for name, check in checks.items():

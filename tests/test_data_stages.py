@@ -115,11 +115,15 @@ def test_worker_processes_change_nothing_in_the_outputs(tmp_path):
 
 
 def test_other_column_names_through_a_params_edit(tmp_path):
-    lines = [json.dumps({"question": f"How do I do thing number {i} today?", "answer": f"Like this, step {i}.",
+    rng = random.Random(5)
+    vocab = [f"word{i}" for i in range(500)]
+    lines = [json.dumps({"question": f"How do I {' '.join(rng.choice(vocab) for _ in range(8))}?",
+                         "answer": f"Like this: {' '.join(rng.choice(vocab) for _ in range(6))}.",
                          "doc": f"d{i % 7}"}) for i in range(60)]
     project = _project(tmp_path, raw_name="qa.jsonl", lines=lines,
                        data__fields={"prompt": "question", "response": "answer", "system": None},
-                       data__keep_columns=["doc"], split__group_by="doc", split__test_fraction=0.3)
+                       data__keep_columns=["doc"], split__group_by="doc", split__test_fraction=0.3,
+                       split__validation_fraction=0.0)   # 7 groups: too few for three sides
     _ok(project, "clean", "dedup", "split")
     assert _report(project, "clean")["format"] == "columns"
     docs = {}
@@ -215,8 +219,8 @@ def test_dedup_and_split_errors_are_clear(tmp_path):
     _fails_cleanly(_stage(project, "split"), "split.group_by: 'conversation' must be one of data.keep_columns")
 
 
-def test_split_fails_naming_leaked_pairs(tmp_path):
-    """Pasted passages that MinHash does not see as near-duplicates: the n-gram audit names them."""
+def _pasted_passages() -> list[str]:
+    """Pairs of rows sharing a pasted 20-word passage that MinHash does not see as near-duplicates."""
     rng = random.Random(3)
     words = [f"term{i}" for i in range(30000)]
     lines = []
@@ -226,10 +230,35 @@ def test_split_fails_naming_leaked_pairs(tmp_path):
             user = " ".join(rng.choice(words) for _ in range(60)) + " " + passage
             lines.append(json.dumps({"messages": [{"role": "user", "content": user},
                                                   {"role": "assistant", "content": f"Answer {i}-{copy}."}]}))
-    project = _project(tmp_path, lines=lines, split__test_fraction=0.4)
+    return lines
+
+
+def test_split_groups_rows_sharing_a_long_passage(tmp_path):
+    """The grouping joins rows by the audit's n-gram relation, so the pasted passages never straddle."""
+    project = _project(tmp_path, lines=_pasted_passages(), split__test_fraction=0.4)
+    _ok(project, "clean", "dedup", "split")
+    report = _report(project, "split")
+    assert report["passed"] and report["leaked_pairs"] == 0
+    assert report["grouping"]["joined_by"]["ngram_user"] == 80 and report["groups"] == 80
+
+
+def test_split_fails_naming_leaked_pairs(tmp_path, monkeypatch, capsys):
+    """The audit stays independent of the grouping: with a grouping that ignores the n-gram links
+    (as a bug would), the n-gram audit finds the pasted passages and the stage fails naming them."""
+    from stages import split
+    from stages.lib import splitting
+
+    project = _project(tmp_path, lines=_pasted_passages(), split__test_fraction=0.4)
     _ok(project, "clean", "dedup")
-    result = _stage(project, "split")
-    _fails_cleanly(result, "leaked train/test pair(s), more than split.max_leakage=0", "ngram_user: test ")
+    grouping_with_every_link = splitting.split_groups
+    monkeypatch.setattr(splitting, "split_groups", lambda index, params, word_counts=None:
+                        grouping_with_every_link(index, params, None))
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("QLORA_DVC_WORKERS", "1")
+    assert split.main() == 1
+    err = capsys.readouterr().err
+    assert "leaked train/test pair(s), more than split.max_leakage=0" in err and "ngram_user: test " in err
+    assert "Traceback" not in err
     report = _report(project, "split")
     assert not report["passed"] and report["audit"]["ngram_user"]["pairs"] == report["leaked_pairs"] > 0
     example = report["audit"]["ngram_user"]["examples"][0]

@@ -161,15 +161,15 @@ def test_a_stage_run_by_hand_refuses_missing_params_as_dvc_repro_does(tmp_path):
     import yaml
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    del params["dedup"]["seed"]
+    del params["split"]
     del params["clean"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    with pytest.raises(ParamsError, match="stage 'split' reads dedup.seed but it is missing"):
+    with pytest.raises(ParamsError, match="stage 'split' reads split but it is missing"):
         load_params(tmp_path / "params.yaml", stage="split")
     with pytest.raises(ParamsError, match="stage 'clean' reads clean but it is missing"):
         load_params(tmp_path / "params.yaml", stage="clean")
     assert load_params(tmp_path / "params.yaml", stage="train").train.seed == params["train"]["seed"]
-    for stage, phrase in (("split", "reads dedup.seed but"), ("clean", "reads clean but")):
+    for stage, phrase in (("split", "reads split but"), ("clean", "reads clean but")):
         result = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=tmp_path, capture_output=True,
                                 text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=60)
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr

@@ -1,17 +1,21 @@
 """Leakage audit of a split: is any test example, or a near copy of it, also in train/validation?
 
-Five checks, each giving (other_row, test_row) pairs, where other_row is a train or validation row:
+Seven checks, each giving (other_row, test_row) pairs, where other_row is a train or validation row:
 - exact_prompt / exact_answer: the same words in the user turns / in the assistant turns (case,
   spacing and punctuation aside; an answer shared by more rows than the boilerplate cutoff below
   is a common answer, a bare label say, and is skipped);
 - near_duplicate: estimated Jaccard of word shingles >= split.group_threshold;
+- near_duplicate_via_removed: a row dedup removed is that similar to a test row while the row it
+  duplicates is in train/validation (or the other way round): the removed row is the link;
+- prefix: a chat whose user/assistant turns are the opening turns of a chat on the other side
+  (an opening shared by more rows than the boilerplate cutoff is skipped);
 - ngram_user / ngram_assistant: a shared run of split.ngram words in user turns / in assistant
   turns (compared separately: a question copied into an answer is not the leak this looks for).
   System prompts are left out: one prompt shared by every row is not a leak.
 
-The grouping in splitting.py already keeps these exact matches and near-duplicates on one side,
-so the first three checks are an independent re-computation that guards that code; the n-gram
-checks find what grouping cannot see (a long passage pasted into two otherwise different rows).
+The grouping in splitting.py joins rows by every one of these relations, so a correct split
+passes every check; each check here is a re-computation by other code (train x test only, from
+the test side's point of view) that guards the grouping.
 
 Boilerplate rule (split.ngram_max_df, default 0.01): text found in more than
 max(floor, ngram_max_df * rows) records is boilerplate, never evidence of leakage. It is applied
@@ -106,6 +110,49 @@ def near_duplicate_check(index: SplitIndex, sides: np.ndarray, threshold: float,
     if similar is None:
         similar, _, _ = minhash.verified_pairs(index.band_keys, index.fingerprints, threshold)
     return Check(_cross_side(similar, sides), detail={"method": "lsh", "compared": int(len(similar))})
+
+
+def removed_link_check(index: SplitIndex, sides: np.ndarray, threshold: float,
+                       removed_pairs: np.ndarray | None = None) -> Check:
+    """(kept row a removed row duplicates, row similar to the removed row) pairs on two sides.
+
+    Exhaustive (every removed row against every kept row) when the index was built without LSH;
+    on larger inputs from the grouping's verified pairs that involve a removed row."""
+    removed = index.removed
+    n = len(index.ids)
+    if removed is None or len(removed.ids) == 0:
+        return Check(np.zeros((0, 2), dtype=np.int64), detail={"removed_rows": 0})
+    if index.band_keys is None:
+        prints = np.concatenate([index.fingerprints, removed.fingerprints])
+        pairs, _ = all_pairs_above(prints, threshold, left=n + np.arange(len(removed.ids)), right=np.arange(n))
+        method = "exhaustive"
+    else:
+        pairs = removed_pairs if removed_pairs is not None else np.zeros((0, 2), dtype=np.int64)
+        method = "lsh"
+    linked = []
+    for a, b in pairs.tolist():
+        for r, k in ((a, b), (b, a)):
+            if r >= n and k < n:
+                linked.append((int(removed.duplicates[r - n]), k))
+    candidate = np.array(linked, dtype=np.int64).reshape(-1, 2)
+    return Check(_cross_side(candidate, sides), detail={"removed_rows": int(len(removed.ids)), "method": method})
+
+
+def prefix_check(index: SplitIndex, sides: np.ndarray, max_count: int) -> Check:
+    """Chats on one side whose turns open a chat on the other side."""
+    if index.prefix_keys is None or len(index.prefix_keys) == 0:
+        return Check(np.zeros((0, 2), dtype=np.int64))
+    keys, opened_counts = np.unique(index.prefix_keys, return_counts=True)
+    slot = np.minimum(np.searchsorted(keys, index.chat_keys), len(keys) - 1)
+    opener = (keys[slot] == index.chat_keys) & (opened_counts[slot] <= max_count)
+    by_key: dict[int, list[int]] = {}
+    wanted = set(index.chat_keys[opener].tolist())
+    for key, row in zip(index.prefix_keys.tolist(), index.prefix_rows.tolist()):
+        if key in wanted:
+            by_key.setdefault(key, []).append(row)
+    pairs = [(short, long) for short in np.nonzero(opener)[0].tolist()
+             for long in by_key.get(int(index.chat_keys[short]), [])]
+    return Check(_cross_side(np.array(pairs, dtype=np.int64).reshape(-1, 2), sides))
 
 
 class WordFrequency:

@@ -553,17 +553,79 @@ class DedupIndex:
 
 
 def dedup_index(batch: LineBatch, hasher: MinHasher, layout: Optional[Bands]) -> DedupIndex:
-    """Parse and index one batch of records (in a worker process); `layout` None: exact
+    """Parse and index one batch of records (in a worker process). Fingerprints are always
+    computed (split reads them from dedup's signatures file); `layout` None: no LSH keys, exact
     duplicates only."""
     from stages.lib.records import conversation_text
 
     records = parse_batch(batch)
     ids = ids_to_uint64([r["id"] for r in records])
     exact = text_keys([conversation_text(r) for r in records])
-    if layout is None:
-        return DedupIndex(ids, exact, None, None)
     signatures = hasher.signatures([similarity_text(r) for r in records])
-    return DedupIndex(ids, exact, fingerprint(signatures), band_keys(signatures, layout))
+    return DedupIndex(ids, exact, fingerprint(signatures), band_keys(signatures, layout) if layout else None)
+
+
+# --------------------------------------------------------------------------------------------
+# dedup's signatures file: every clean record's MinHash fingerprint and dedup's decision, which
+# split reads instead of hashing again, and through which rows dedup removed still join the rows
+# they resemble into one group (a removed row can be the only link between two kept rows).
+
+SIGNATURES_VERSION = 1
+
+
+def signatures_dtype(num_perm: int) -> np.dtype:
+    return np.dtype([("id", "<u8"), ("duplicate_of", "<i8"), ("kind", "u1"), ("fingerprint", "<u2", (num_perm,))])
+
+
+def write_signatures(handle, ids: np.ndarray, dups: "Duplicates", fingerprints: np.ndarray,
+                     shingle_size: int, seed: int) -> None:
+    """One .npy structured array (no pickle), row for row the clean records: id, the row index it
+    duplicates (-1: kept), kind (0 kept, EXACT, NEAR) and the uint16 fingerprint. The header
+    row 0 is not a record: it carries the format version and the hashing params in its fields,
+    so that split can tell fingerprints it cannot compare."""
+    table = np.zeros(len(ids) + 1, dtype=signatures_dtype(fingerprints.shape[1]))
+    table[0]["id"] = SIGNATURES_VERSION
+    table[0]["duplicate_of"] = shingle_size
+    table[0]["kind"] = 255
+    table[0]["fingerprint"][:2] = (seed & 0xFFFF, (seed >> 16) & 0xFFFF)
+    table[1:]["id"] = ids
+    table[1:]["duplicate_of"] = dups.duplicate_of
+    table[1:]["kind"] = dups.kind
+    table[1:]["fingerprint"] = fingerprints
+    np.save(handle, table, allow_pickle=False)
+
+
+@dataclass
+class Signatures:
+    ids: np.ndarray            # uint64, every clean record in order
+    duplicate_of: np.ndarray   # int64 row it duplicates, -1 when kept
+    kind: np.ndarray           # uint8 0 kept, EXACT, NEAR
+    fingerprints: np.ndarray   # (n, num_perm) uint16
+    shingle_size: int
+    seed: int
+
+    @property
+    def num_perm(self) -> int:
+        return self.fingerprints.shape[1]
+
+
+def read_signatures(path) -> Signatures:
+    """What write_signatures wrote; RecordFileError for a missing or foreign file."""
+    try:
+        table = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise RecordFileError(f"{path}: not found (run the dedup stage first: dvc repro dedup)") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise RecordFileError(f"{path}: not a signatures file this pipeline wrote ({exc}); re-run dedup") from None
+    names = ("id", "duplicate_of", "kind", "fingerprint")
+    if table.dtype.names != names or table.ndim != 1 or len(table) == 0 or int(table[0]["id"]) != SIGNATURES_VERSION:
+        raise RecordFileError(f"{path}: not a signatures file this pipeline wrote (version or layout differs); re-run dedup")
+    head = table[0]
+    seed = int(head["fingerprint"][0]) | (int(head["fingerprint"][1]) << 16)
+    rows = table[1:]
+    # Field views of the one table (no copies: the table is a few hundred bytes per row).
+    return Signatures(rows["id"], rows["duplicate_of"], rows["kind"], rows["fingerprint"],
+                      int(head["duplicate_of"]), seed)
 
 
 EXACT, NEAR = 1, 2

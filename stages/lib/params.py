@@ -37,7 +37,7 @@ BIG = 10**9
 STAGE_PARAMS = {
     "clean": ("data", "clean"),
     "dedup": ("dedup",),
-    "split": ("split", "dedup.num_perm", "dedup.shingle_size", "dedup.seed"),
+    "split": ("split",),
     "train": ("model", "train"),
     # Not `evaluate` as a whole: a judge or prefs key must never re-run generation (minutes).
     "evaluate_base": ("model", "evaluate.max_samples", "evaluate.max_new_tokens", "evaluate.batch_size",
