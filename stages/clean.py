@@ -26,10 +26,10 @@ def main() -> int:
 
     # Failures (params, input, output) raise; run_stage turns them into one line and exit 1.
     params = load_params(stage="clean")
-    raw_path = resolve_data_path(params.data.raw)
+    raw_path = resolve_data_path(params.data.raw, allowed_roots=params.data.allowed_roots)
     root = Path.cwd()
     summary = CleanSummary()
-    files, ignored = list_input_files(raw_path)
+    files, ignored = list_input_files(raw_path, root, params.data.allowed_roots)
     with atomic_file(RECORDS) as kept_out, atomic_file(REJECTED) as rejected_out, \
             progress_bar("clean") as progress:
         for path in files:

@@ -68,7 +68,13 @@ def test_data_paths_cannot_escape_the_project(tmp_path):
     assert resolve_data_path("data/raw/x.jsonl", tmp_path) == tmp_path.resolve() / "data/raw/x.jsonl"
     with pytest.raises(ValueError, match="outside the project"):
         resolve_data_path("../../etc/passwd", tmp_path)
-    assert str(resolve_data_path("/etc/hosts", tmp_path)) == "/etc/hosts"  # deliberate absolute path
+    # An absolute path outside the project is read only from a directory named in data.allowed_roots.
+    with pytest.raises(ValueError, match="outside the project and data.allowed_roots"):
+        resolve_data_path("/etc/hosts", tmp_path)
+    assert str(resolve_data_path("/etc/hosts", tmp_path, allowed_roots=["/etc"])) == "/etc/hosts"
+    (tmp_path / "link.jsonl").symlink_to("/etc/hosts")   # a symlink is judged by where it leads
+    with pytest.raises(ValueError, match="resolves to /etc/hosts"):
+        resolve_data_path("link.jsonl", tmp_path)
 
 
 _JSON_VALUES = st.recursive(

@@ -159,12 +159,49 @@ def clean_row(raw: RawRow, fmt: Optional[str], data, clean) -> Optional[tuple[bo
         try:
             messages = to_messages(raw.row, fmt, data.fields)
             messages = clean_messages(messages, clean.min_chars, clean.max_chars, clean.require_assistant_last)
+            meta = kept_columns(raw.row, data.keep_columns)
+            check_encodable(messages, meta)
         except RowError as exc:
             error = exc
     if error is not None:
         return False, rejection_row(raw, error)
     source = {"file": raw.file, "line": raw.line}
-    return True, make_record(messages, source, kept_columns(raw.row, data.keep_columns))
+    return True, make_record(messages, source, meta)
+
+
+def _unencodable(text: str) -> Optional[int]:
+    """Index of the first code point UTF-8 cannot encode (a lone surrogate, U+D800..U+DFFF, which
+    valid JSON can spell as "\\ud800"), or None."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def check_encodable(messages: list[dict], meta: dict) -> None:
+    """RowError 'invalid_unicode' for a row whose text is not valid Unicode. Such rows are
+    rejected, not repaired: replacing the code point would train on text nobody wrote, and the
+    later stages (tokenisers, hashing, UTF-8 files) cannot take it as it is."""
+    for number, message in enumerate(messages, 1):
+        at = _unencodable(message["content"])
+        if at is not None:
+            raise RowError("invalid_unicode", f"message {number} ({message['role']}) has a lone surrogate "
+                                              f"U+{ord(message['content'][at]):04X} at character {at + 1}: "
+                                              "not valid Unicode")
+    for column, value in meta.items():
+        texts = [value] if isinstance(value, str) else []
+        if isinstance(value, (list, dict)):
+            import json
+
+            texts = [json.dumps(value, ensure_ascii=False)]
+        for text in texts:
+            at = _unencodable(text)
+            if at is not None:
+                raise RowError("invalid_unicode", f"column {column!r} has a lone surrogate "
+                                                  f"U+{ord(text[at]):04X}: not valid Unicode")
 
 
 @dataclass
@@ -193,7 +230,22 @@ def clean_file(path, name: str, data, clean, summary: CleanSummary, batch_rows: 
     the same bytes as clean_file_rows serialised row by row (tests/test_cleaning.py).
 
     Batches are converted and cleaned by worker processes (parallel.ordered_map). A JSONL file is
-    handed out as raw lines, parsed by the workers; other formats are parsed by their reader here."""
+    handed out as raw lines, parsed by the workers; other formats are parsed by their reader here.
+    An error reading the file (EACCES, EIO, ...) is an InputError naming it as an unreadable
+    input, not an OSError that the caller's output handling would report as a failed write."""
+    items = _clean_file(path, name, data, clean, summary, batch_rows, workers)
+    while True:
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        except OSError as exc:
+            raise InputError(f"{name}: unreadable input: {exc.strerror or exc}") from None
+        yield item
+
+
+def _clean_file(path, name: str, data, clean, summary: CleanSummary, batch_rows: int,
+                workers: Optional[int]) -> Iterator[tuple[str, str]]:
     if Path(path).suffix.lower() == ".jsonl":
         batches = read_jsonl_lines(Path(path), name, batch_rows)
         head: list[RawRow] = []

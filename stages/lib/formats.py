@@ -68,25 +68,70 @@ class RawRow:
 # Files
 
 
-def list_input_files(path: Path) -> tuple[list[Path], list[Path]]:
+def _checked_kind(path: Path, project: Path, allowed_roots) -> str:
+    """'file' or 'dir' for an input path that may be read: after symlinks are resolved it lies
+    inside the project or under data.allowed_roots, and it is a regular file or a directory.
+    InputError otherwise, before anything is opened: a FIFO would block the stage, a device or
+    /proc file (through a symlink in a data folder) could copy secrets into the outputs."""
+    import stat
+
+    from stages.lib.io import is_allowed_path
+
+    try:
+        info = os.stat(path)   # follows symlinks
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise InputError(f"{path}: a symlink to {os.readlink(path)}, which does not exist") from None
+        raise InputError(f"{path}: not found (check data.raw; a `dvc add`-ed file may need `dvc pull`)") from None
+    except OSError as exc:
+        raise InputError(f"{path}: unreadable input: {exc.strerror or exc}") from None
+    resolved = Path(os.path.realpath(path))
+    if not is_allowed_path(resolved, project, allowed_roots):
+        raise InputError(f"{path}: resolves to {resolved}, outside the project and data.allowed_roots; refused "
+                         "(add the directory to data.allowed_roots if you mean to read it)")
+    if stat.S_ISDIR(info.st_mode):
+        return "dir"
+    if not stat.S_ISREG(info.st_mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode)
+                else "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else "not a regular file")
+        raise InputError(f"{path}: {kind}, not a data file; refused")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{path}: unreadable input: permission denied")
+    return "file"
+
+
+def list_input_files(path: Path, project: Path | None = None, allowed_roots=()) -> tuple[list[Path], list[Path]]:
     """(data files, ignored files). A directory is walked recursively in sorted order so the
-    row order, and so every output, does not depend on the file system."""
-    if not path.exists():
-        raise InputError(f"{path}: not found (check data.raw; a `dvc add`-ed file may need `dvc pull`)")
-    if path.is_file():
+    row order, and so every output, does not depend on the file system. Every data file and
+    folder, symlinks resolved, must lie inside `project` (default: the working directory) or
+    under `allowed_roots`, and be a regular file or a directory (_checked_kind): InputError
+    names the first that is not. Symlinked folders are followed once (a loop is not)."""
+    project = Path(project or Path.cwd()).resolve()
+    if _checked_kind(path, project, allowed_roots) == "file":
         if path.suffix.lower() not in SUPPORTED_SUFFIXES:
             raise InputError(f"{path}: unsupported file type {path.suffix!r}; expected one of "
                              + ", ".join(SUPPORTED_SUFFIXES))
         return [path], []
     files, ignored = [], []
-    for root, dirs, names in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    seen_dirs = {os.path.realpath(path)}
+    for root, dirs, names in os.walk(path, followlinks=True):
+        kept_dirs = []
+        for name in sorted(d for d in dirs if not d.startswith(".")):
+            folder = Path(root) / name
+            _checked_kind(folder, project, allowed_roots)
+            real = os.path.realpath(folder)
+            if real not in seen_dirs:   # a symlink loop, or a folder reached twice, is walked once
+                seen_dirs.add(real)
+                kept_dirs.append(name)
+        dirs[:] = kept_dirs
         for name in sorted(names):
             candidate = Path(root) / name
             if name.startswith(".") or candidate.suffix.lower() not in SUPPORTED_SUFFIXES:
-                ignored.append(candidate)
-            else:
+                ignored.append(candidate)   # never opened: only its name is reported
+            elif _checked_kind(candidate, project, allowed_roots) == "file":
                 files.append(candidate)
+            else:
+                raise InputError(f"{candidate}: a folder named like a data file; refused")
     files.sort(key=lambda p: p.relative_to(path).as_posix())
     if not files:
         raise InputError(f"{path}: no {'/'.join(SUPPORTED_SUFFIXES)} files in this directory")

@@ -45,7 +45,14 @@ def dumps_record(obj: Any) -> str:
     try:
         return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS).decode("utf-8")
     except TypeError:
-        return json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+        text = json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate (in a rejected row's excerpt, or a file name that is not UTF-8)
+            # cannot go into a UTF-8 file: written as its JSON escape, "\ud800", instead.
+            return json.dumps(obj, ensure_ascii=True, sort_keys=True, separators=(",", ":"))
+        return text
 
 
 @contextlib.contextmanager
@@ -158,18 +165,28 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def resolve_data_path(value: str, root: str | os.PathLike = ".") -> Path:
-    """Resolve a data path from params: relative paths must stay inside the project.
+def resolve_data_path(value: str, root: str | os.PathLike = ".", allowed_roots=()) -> Path:
+    """Resolve a data path from params: it must lie inside the project or under one of
+    `allowed_roots` (params data.allowed_roots), after symlinks are resolved.
 
-    An absolute path is taken as the user's deliberate choice; a relative one that climbs out of
-    the project (`../../etc/passwd`) is refused, so a params edit in a pull request cannot make
-    the pipeline read files outside the repository.
+    A params edit in a pull request (`../../etc/passwd`, `/proc/self/environ`, a symlink in the
+    repository pointing at either) cannot make the pipeline read files from anywhere else; a
+    user who keeps data outside the project names the directory in data.allowed_roots.
     """
     path = Path(value)
-    if path.is_absolute():
-        return path
     root = Path(root).resolve()
-    resolved = (root / path).resolve()
-    if resolved != root and root not in resolved.parents:
-        raise ValueError(f"{value!r} points outside the project; use an absolute path if you mean it")
+    resolved = (path if path.is_absolute() else root / path).resolve()
+    if not is_allowed_path(resolved, root, allowed_roots):
+        raise ValueError(f"{value!r} points outside the project: it resolves to {resolved}, outside the project "
+                         f"and data.allowed_roots ({list(allowed_roots)}); add its directory to "
+                         "data.allowed_roots if you mean it")
     return resolved
+
+
+def is_allowed_path(resolved: Path, root: Path, allowed_roots=()) -> bool:
+    """`resolved` (symlinks already resolved) is the project root, or inside it or one of
+    `allowed_roots` (absolute directories, resolved here)."""
+    for base in (root, *(Path(r).resolve() for r in allowed_roots)):
+        if resolved == base or base in resolved.parents:
+            return True
+    return False

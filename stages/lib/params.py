@@ -82,6 +82,17 @@ class DataParams(_Section):
     fields: FieldMapping = FieldMapping()
     # Extra input columns copied into each record's `meta` (e.g. a conversation id used by split.group_by).
     keep_columns: list[str] = []
+    # Absolute directories outside the project that data may be read from (data.raw, and every
+    # file it leads to through folders and symlinks). Anything else outside the project is refused.
+    allowed_roots: list[str] = []
+
+    @field_validator("allowed_roots")
+    @classmethod
+    def _roots_are_absolute(cls, value):
+        relative = [root for root in value if not os.path.isabs(root)]
+        if relative:
+            raise ValueError(f"must be absolute directories (the project itself is always allowed), got {relative}")
+        return value
 
 
 class CleanParams(_Section):
