@@ -480,7 +480,9 @@ def ngram_edges(index: SplitIndex, role: str, n: int, max_df: float, skip: np.nd
         joined = ~first & (size[run] <= cutoff)
         edges.append(np.stack([rows[run_start[run[joined]]], rows[joined]], axis=1))
     # Rows sharing several n-grams (a pasted passage gives n-grams by the dozen): one edge per pair.
-    return np.unique(np.concatenate(edges), axis=0) if edges else np.zeros((0, 2), dtype=np.int64)
+    if not edges:
+        return np.zeros((0, 2), dtype=np.int64)
+    return np.unique(np.sort(np.concatenate(edges), axis=1), axis=0)   # (smaller row, larger row)
 
 
 def prefix_edges(index: SplitIndex, max_count: int) -> np.ndarray:
