@@ -243,12 +243,12 @@ def test_directory_is_walked_sorted_and_other_files_ignored():
 
 def test_missing_path_empty_directory_and_unsupported_file(tmp_path):
     with pytest.raises(InputError, match="not found"):
-        list_input_files(tmp_path / "nope.jsonl")
+        list_input_files(tmp_path / "nope.jsonl", tmp_path)
     with pytest.raises(InputError, match="no .jsonl/.json/.csv/.parquet files"):
-        list_input_files(tmp_path)
+        list_input_files(tmp_path, tmp_path)
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(InputError, match="unsupported file type"):
-        list_input_files(tmp_path / "x.txt")
+        list_input_files(tmp_path / "x.txt", tmp_path)
 
 
 def test_empty_file_has_no_rows():
