@@ -92,6 +92,13 @@ def test_dumps_record_is_json_dumps_byte_for_byte(value):
 
 
 def test_dumps_record_falls_back_to_json_for_what_orjson_refuses():
-    huge = {"n": 2**70, "s": "\ud800"}   # beyond 64 bits; a lone surrogate (json.loads makes them)
+    huge = {"n": 2**70, "s": "caf\u00e9"}   # beyond 64 bits
     assert dumps_record(huge) == json.dumps(huge, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    # A lone surrogate (json.loads makes them) cannot go into a UTF-8 file: it is written as its
+    # escape, and reads back as the same string.
+    lone = {"n": 2**70, "s": "\ud800 caf\u00e9"}
+    line = dumps_record(lone)
+    assert line == json.dumps(lone, ensure_ascii=True, sort_keys=True, separators=(",", ":"))
+    line.encode("utf-8")
+    assert json.loads(line) == lone
     assert json.loads(dumps_record({"x": 0.8125, "y": 1.0})) == {"x": 0.8125, "y": 1.0}
