@@ -3,6 +3,7 @@
     qlora-dvc generate "My order arrived broken"   # try the fine-tuned model
     qlora-dvc pr-report --base main                # a pull request's summary
     qlora-dvc prefs                                # judge base vs tuned answers blind, in a browser
+    qlora-dvc table                                # base vs tuned, metrics as rows, with intervals
 
 Run from the project root (the commands read params.yaml, models/ and reports/). Without the
 console script installed, `python -m qlora_dvc <command> ...` is the same. Each command lives in
@@ -19,6 +20,8 @@ COMMANDS = {
     "generate": ("qlora_dvc.generate", "answer a prompt with the base or fine-tuned model"),
     "pr-report": ("qlora_dvc.pr_report", "write the markdown summary of what a branch changed"),
     "prefs": ("qlora_dvc.prefs", "blind human preference, base vs tuned, in a local web page"),
+    "cache": ("qlora_dvc.cache", "check the shared DVC remote (CI's cache) and push outputs + run-cache"),
+    "table": ("qlora_dvc.table", "the reviewer's table of reports/eval.json (metrics as rows, 95 % intervals)"),
 }
 
 

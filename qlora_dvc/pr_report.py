@@ -2,9 +2,10 @@
 
     qlora-dvc pr-report --base main [--out reports/pr_summary.md]
 
-The summary has a headline table of the key task metrics (base model vs tuned, and tuned vs the
-tuned model at the base revision), the gates, `dvc metrics diff <base> --md`, `dvc params diff
-<base> --md`, and a link to `dvc plots diff <base>` rendered as HTML. CI posts it as a PR comment
+The summary says what changed (data, params, code), compares this workspace's tuned model with
+the base revision's on the same test rows (95 % intervals, a verdict per metric), shows the
+reviewer's table (base model vs tuned), per-label results, the dataset diff per split, the gates,
+`dvc metrics diff` / `dvc params diff <base> --md`, and a link to `dvc plots diff <base>`. CI posts it as a PR comment
 (.github/workflows/pr.yml). Exit status 1 with a one-line reason when it cannot be written: not a
 git repository, not a DVC project, unknown base revision, no metrics yet, dvc failing.
 """
@@ -17,10 +18,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-
-HEADLINE = ("exact_match", "rouge_l", "chrf", "json_valid", "schema_valid", "field_accuracy_mean",
-            "general_accuracy", "general_perplexity", "loss", "perplexity", "empty_output_rate")
-
 
 class ReportError(RuntimeError):
     """The summary cannot be written; the message says why and what to do."""
@@ -99,48 +96,6 @@ def _report_at(sha: str, path: Path, git_root: Path) -> dict | None:
     return report if isinstance(report, dict) else None
 
 
-def _num(value) -> float | None:
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _fmt(value, signed: bool = False) -> str:
-    value = _num(value)
-    if value is None:
-        return "—"
-    return f"{value:+.4f}" if signed else f"{value:.4f}"
-
-
-def _change(new, old, metric: str) -> str:
-    from stages.lib.metrics import LOWER_IS_BETTER
-
-    new, old = _num(new), _num(old)
-    if new is None or old is None:
-        return "—"
-    diff = round(new - old, 4)
-    if diff == 0:
-        return _fmt(0.0, signed=True)
-    better = diff < 0 if metric in LOWER_IS_BETTER else diff > 0
-    return f"{_fmt(diff, signed=True)} {'🟢' if better else '🔴'}"
-
-
-def headline_table(report: dict, base_report: dict | None, base_label: str) -> str:
-    """Key metrics: base model, tuned, tuned − base, tuned at the base revision, and the change."""
-    from stages.lib.metrics import LOWER_IS_BETTER
-
-    base, tuned = report.get("base") or {}, report.get("tuned") or {}
-    old_tuned = (base_report or {}).get("tuned") or {}
-    names = [m for m in HEADLINE if m in base or m in tuned]
-    if not names:
-        return "*(no task metrics in the report)*"
-    lines = [f"| metric | better | base model | tuned | tuned − base | tuned @ `{base_label}` | change vs `{base_label}` |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for name in names:
-        lines.append(f"| {name} | {'lower' if name in LOWER_IS_BETTER else 'higher'} | {_fmt(base.get(name))} "
-                     f"| {_fmt(tuned.get(name))} | {_change(tuned.get(name), base.get(name), name)} "
-                     f"| {_fmt(old_tuned.get(name))} | {_change(tuned.get(name), old_tuned.get(name), name)} |")
-    return "\n".join(lines)
-
-
 def _gates_section(report: dict, root: Path) -> str | None:
     import yaml
 
@@ -197,9 +152,28 @@ def _plots(dvc: str, base: str, root: Path, plots_dir: Path) -> Path | None:
     return plots_dir / "index.html"
 
 
+def _images(root: Path, sha: str, base: str, report: dict, out: Path, images_dir: str,
+            image_url: str | None) -> str | None:
+    """PNG plots (loss, metric bars with intervals, confusion matrices) shown in the summary; a
+    failure to render is reported and leaves the rest of the summary intact."""
+    from qlora_dvc.pr_sections import plot_images
+
+    def link_for(path: Path) -> str:
+        if image_url:
+            return image_url.format(name=path.name)
+        return Path(os.path.relpath(path, out.resolve().parent)).as_posix()
+
+    try:
+        return plot_images(root, sha, base, report, root / images_dir, link_for)
+    except Exception as exc:  # a renderer problem must not cost the reviewer the whole summary
+        print(f"pr-report: no plot images: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
+        return None
+
+
 def build_summary(base: str, out: Path, *, metrics_file: str = "reports/eval.json",
                   plots_dir: str | None = "reports/pr_plots", plots_link: str | None = None,
-                  note: str | None = None) -> str:
+                  note: str | None = None, images_dir: str = "reports/pr_images",
+                  image_url: str | None = None, experiments: bool = False) -> str:
     git_root = _git_root()
     root = _dvc_root(git_root)
     sha = _resolve_base(base, root)
@@ -212,36 +186,48 @@ def build_summary(base: str, out: Path, *, metrics_file: str = "reports/eval.jso
         raise ReportError(f"{metrics_file} is not valid JSON ({exc}); re-run `dvc repro`") from None
     base_report = _report_at(sha, metrics_path, git_root)
 
+    from qlora_dvc import pr_sections
+
     dvc = dvc_executable()
     metrics_md = _table_or_none(_dvc(dvc, ["metrics", "diff", base, "--md"], root))
     params_md = _table_or_none(_dvc(dvc, ["params", "diff", base, "--md"], root))
+    changed_params = pr_sections.params_changed(_dvc(dvc, ["params", "diff", base, "--json"], root))
     head = _run(["git", "rev-parse", "--short", "HEAD"], cwd=root).stdout.strip() or "(no commit)"
     dirty = bool(_run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root).stdout.strip())
+    data_summary, data_md = pr_sections.dataset_diff(root, sha, base)
 
     parts = ["## Fine-tuning report", ""]
     if note:
         parts += [f"> {note}", ""]
     parts += [f"Workspace (`{head}`{' + uncommitted changes' if dirty else ''}) compared with "
               f"`{base}` (`{sha[:7]}`).", ""]
-    n = report.get("n") or {}
-    if n:
-        parts += ["Rows scored: " + ", ".join(f"{k} {v}" for k, v in n.items()) + ".", ""]
-    parts += ["### Headline", "", headline_table(report, base_report, base), ""]
-    if base_report is None:
-        parts += [f"*`{base}` has no {metrics_file}: nothing to compare the tuned model with.*", ""]
+    parts += ["### What changed", "", pr_sections.what_changed(root, sha, changed_params, data_summary), ""]
+    parts += [f"### Tuned model: this pull request vs `{base}`", "",
+              pr_sections.tuned_comparison(root, sha, base, report, base_report), ""]
+    parts += ["### Reviewer's table", "", pr_sections.reviewer_table(report), ""]
+    labels = pr_sections.labels_section(root)
+    if labels:
+        parts += ["### Per-label results", "", labels, ""]
+    parts += [f"### Dataset diff vs `{base}`", "", data_md, ""]
+    if experiments:
+        parts += ["### Experiments (`dvc exp show`)", "",
+                  pr_sections.experiments_section(lambda args: _dvc(dvc, args, root)), ""]
     gates = _gates_section(report, root)
     if gates:
         parts += ["### Gates", "", gates, ""]
     parts += ["### Preference (tuned vs base)", "", _preference(root, sha, git_root, base), ""]
-    parts += [f"### Metrics changed (`dvc metrics diff {base}`)", "",
-              metrics_md or "No metric changed.", "",
+    parts += [f"<details><summary>Metrics changed (<code>dvc metrics diff {base}</code>)</summary>", "",
+              metrics_md or "No metric changed.", "", "</details>", "",
               f"### Params changed (`dvc params diff {base}`)", "",
               params_md or "No parameter changed.", ""]
     if plots_dir is not None:
-        html_path = _plots(dvc, base, root, root / plots_dir)
         parts += ["### Plots", ""]
+        images = _images(root, sha, base, report, out, images_dir, image_url)
+        if images:
+            parts += [images, ""]
+        html_path = _plots(dvc, base, root, root / plots_dir)
         if html_path is None and not plots_link:
-            parts.append("No plots could be rendered (see the log).")
+            parts.append("`dvc plots diff` could not be rendered (see the log).")
         else:
             target = plots_link or Path(os.path.relpath(html_path, out.resolve().parent)).as_posix()
             parts.append(f"[Loss curves and metric bars, overlaid with `{base}` (`dvc plots diff`)]({target})")
@@ -258,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plots", action="store_true", help="skip `dvc plots diff`")
     parser.add_argument("--plots-link", help="link target for the plots (e.g. the CI run's artifacts page)")
     parser.add_argument("--note", help="a line shown at the top (e.g. which config CI ran)")
+    parser.add_argument("--experiments", action="store_true",
+                        help="add the sweep table: `dvc exp show`, swept params and headline metrics only")
+    parser.add_argument("--images-dir", default="reports/pr_images", help="where the PNG plots are written")
+    parser.add_argument("--image-url", help="URL template the summary shows each PNG from, with {name} for "
+                        "its file name (CI: where it published them); default: a path relative to --out")
     args = parser.parse_args(argv)
 
     from stages.lib.io import write_text
@@ -266,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         text = build_summary(args.base, out, metrics_file=args.metrics_file,
                              plots_dir=None if args.no_plots else args.plots_dir,
-                             plots_link=args.plots_link, note=args.note)
+                             plots_link=args.plots_link, note=args.note, images_dir=args.images_dir,
+                             image_url=args.image_url, experiments=args.experiments)
         write_text(out, text)
     except (ReportError, OSError) as exc:
         print(f"pr-report: {exc}", file=sys.stderr)

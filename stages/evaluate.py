@@ -22,6 +22,8 @@ BASE_REPORT = Path("reports/eval_base.json")
 REPORT = Path("reports/eval.json")
 PLOT = Path("reports/plots/eval_metrics.json")
 SAMPLES = Path("reports/samples.md")
+LABELS = Path("reports/labels.json")
+CONFUSION_DIR = Path("reports/plots/confusion")
 LOSS_MAX_TOKENS = 4096  # truncation for the reference-answer loss; long enough for any sample row
 
 
@@ -38,9 +40,12 @@ def _load_probes(folder: Path) -> tuple[list[dict], str]:
 
 
 def evaluate_model(params, which: str) -> tuple[dict, list[dict], list[dict]]:
-    """Generate and score one model; return (metrics, prediction rows, probe rows)."""
-    from stages.lib.generation import answer_loss, generate, load_for_inference, text_perplexity
-    from stages.lib.metrics import task_metrics
+    """Generate and score one model; return (per-row scores, prediction rows, probe rows).
+
+    The scores ({"test", "probes", "text"}: one dict per test row, probe and probe-text block) are
+    what every metric and its interval is computed from (stages/lib/uncertainty.py)."""
+    from stages.lib.generation import answer_loss_rows, generate, load_for_inference, text_nll_blocks
+    from stages.lib.metrics import probe_row_scores, row_scores
     from stages.lib.records import prompt_messages, reference_answer
 
     settings = params.evaluate
@@ -58,38 +63,50 @@ def evaluate_model(params, which: str) -> tuple[dict, list[dict], list[dict]]:
     probe_outputs = generate(model, tokenizer, [[{"role": "user", "content": p["prompt"]}] for p in probes],
                              max_new_tokens=min(settings.max_new_tokens, 48),
                              batch_size=settings.batch_size, desc=f"{which}: general probes")
-    loss, perplexity = answer_loss(model, tokenizer, [r["messages"] for r in test],
-                                   max_length=LOSS_MAX_TOKENS, batch_size=settings.batch_size)
+    losses = answer_loss_rows(model, tokenizer, [r["messages"] for r in test],
+                              max_length=LOSS_MAX_TOKENS, batch_size=settings.batch_size)
     references = [reference_answer(r) for r in test]
-    metrics = task_metrics(predictions, references, settings, probe_outputs=probe_outputs, probes=probes)
-    metrics["loss"] = loss
-    metrics["perplexity"] = perplexity
-    metrics["general_perplexity"] = text_perplexity(model, tokenizer, probe_text) if probe_text else None
+    test_scores = row_scores(predictions, references, settings, ids=[r["id"] for r in test])
+    for row, (loss_sum, loss_tokens) in zip(test_scores, losses):
+        row["loss_sum"], row["loss_tokens"] = loss_sum, loss_tokens
+    scores = {"test": test_scores, "probes": probe_row_scores(probe_outputs, probes),
+              "text": text_nll_blocks(model, tokenizer, probe_text) if probe_text else []}
     rows = [{"id": r["id"], "prompt": prompt_messages(r), "reference": ref, "prediction": pred}
             for r, ref, pred in zip(test, references, predictions)]
     probe_rows = [{"id": p["id"], "prompt": p["prompt"], "output": out} for p, out in zip(probes, probe_outputs)]
-    return metrics, rows, probe_rows
+    return scores, rows, probe_rows
 
 
-def _save(which: str, metrics: dict, rows: list[dict], probe_rows: list[dict]) -> None:
+def _save(which: str, scores: dict, metrics: dict, rows: list[dict], probe_rows: list[dict]) -> None:
     with atomic_dir(EVAL_DIR / which) as folder:
         write_jsonl(folder / "predictions.jsonl", rows)
         write_jsonl(folder / "probes.jsonl", probe_rows)
+        write_json(folder / "scores.json", scores)
         write_json(folder / "metrics.json", metrics)
 
 
-def report_tuned(params, tuned: dict, rows: list[dict], probe_rows: list[dict]) -> list[str]:
+def eval_report(base_scores: dict, tuned_scores: dict) -> dict:
+    """The reports/eval.json layout: base, tuned and delta (tuned − base), every metric
+    {"value", "lower", "upper"}; n (rows per unit) and the interval settings."""
+    from stages.lib.uncertainty import CONFIDENCE, RESAMPLES, SEED, compare_scores
+
+    compared = compare_scores(base_scores, tuned_scores)
+    n = {("text_blocks" if unit == "text" else unit): count for unit, count in compared["n"].items()}
+    return {"base": compared["old"], "tuned": compared["new"], "delta": compared["delta"], "n": n,
+            "interval": {"confidence": CONFIDENCE, "resamples": RESAMPLES, "seed": SEED}}
+
+
+def report_tuned(params, tuned_scores: dict, rows: list[dict], probe_rows: list[dict]) -> list[str]:
     """Write the base vs tuned report, plot and samples; return failed gates."""
     from stages.lib.gates import check_gates
-    from stages.lib.metrics import compare
     from stages.lib.report import eval_plot_rows, samples_markdown
 
     base_dir = EVAL_DIR / "base"
-    if not (base_dir / "metrics.json").exists():
-        raise EvalError(f"{base_dir}/metrics.json not found: run `dvc repro evaluate_base` first")
-    base = read_json(base_dir / "metrics.json")
+    if not (base_dir / "scores.json").exists():
+        raise EvalError(f"{base_dir}/scores.json not found: run `dvc repro evaluate_base` first")
+    base_scores = read_json(base_dir / "scores.json")
     base_rows = {r["id"]: r for r in read_jsonl(base_dir / "predictions.jsonl")}
-    report = compare(base, tuned, n={"test": len(rows), "probes": len(probe_rows)})
+    report = eval_report(base_scores, tuned_scores)
     write_json(REPORT, report)
     write_json(PLOT, eval_plot_rows(report))
     side_by_side = [{"id": r["id"], "prompt": r["prompt"], "reference": r["reference"],
@@ -97,7 +114,24 @@ def report_tuned(params, tuned: dict, rows: list[dict], probe_rows: list[dict]) 
                     for r in rows]
     write_text(SAMPLES, samples_markdown(side_by_side, params.evaluate.n_samples,
                                          extract=params.evaluate.extract))
+    write_label_analysis(params, side_by_side)
     return check_gates(params.evaluate.gates, report)
+
+
+def write_label_analysis(params, side_by_side: list[dict]) -> None:
+    """Per-label precision/recall/F1 of both models (reports/labels.json) and the tuned model's
+    confusion matrix per classification-like field (reports/plots/confusion/<field>.json)."""
+    from stages.lib.labels import confusion_plot_rows, label_report
+
+    settings = params.evaluate
+    refs = [r["reference"] for r in side_by_side]
+    report = {model: label_report([r[model] for r in side_by_side], refs, settings.json_fields,
+                                  settings.json_schema) for model in ("base", "tuned")}
+    write_json(LABELS, report)
+    with atomic_dir(CONFUSION_DIR) as folder:
+        for field in report["tuned"]:
+            write_json(folder / f"{field}.json", confusion_plot_rows(
+                [r["tuned"] for r in side_by_side], refs, field, settings.json_schema))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,19 +147,21 @@ def main(argv: list[str] | None = None) -> int:
     from stages.lib.modeling import ModelError
 
     try:
-        metrics, rows, probe_rows = evaluate_model(params, args.model)
-        _save(args.model, metrics, rows, probe_rows)
-        if args.model == "base":
-            from stages.lib.metrics import round_metrics
+        from stages.lib.uncertainty import summarise
 
-            write_json(BASE_REPORT, {k: v for k, v in round_metrics(metrics).items() if v is not None})
+        scores, rows, probe_rows = evaluate_model(params, args.model)
+        metrics = summarise(scores)
+        _save(args.model, scores, metrics, rows, probe_rows)
+        if args.model == "base":
+            write_json(BASE_REPORT, metrics)
             failures = []
         else:
-            failures = report_tuned(params, metrics, rows, probe_rows)
+            failures = report_tuned(params, scores, rows, probe_rows)
     except (EvalError, ModelError, OutputError, ValueError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 1
-    summary = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float))
+    summary = ", ".join(f"{k}={v['value']:.3f} [{v['lower']:.3f}, {v['upper']:.3f}]"
+                        for k, v in metrics.items() if isinstance(v, dict) and "value" in v)
     print(f"evaluate ({args.model}): {summary}", file=sys.stderr)
     if failures:
         print("evaluation gates failed:\n  " + "\n  ".join(failures), file=sys.stderr)

@@ -66,6 +66,9 @@ def _set_params(project: Path, updates: dict) -> None:
 def project(tmp_path_factory):
     project = tmp_path_factory.mktemp("e2e") / "project"
     shutil.copytree(ROOT, project, ignore=IGNORE)
+    # Its own DVC cache, as in CI's fresh clone: not a developer's shared cache (.dvc/config.local),
+    # whose run-cache holds everyone's runs (the shared-cache test pushes the run-cache).
+    (project / ".dvc/config.local").unlink(missing_ok=True)
     # A slice of the shipped sample keeps the run short; its defects still exercise every stage.
     # Bytes, not text: the sample has a non-UTF-8 line on purpose.
     lines = (ROOT / "data/raw/support_tickets.jsonl").read_bytes().splitlines(keepends=True)
@@ -91,9 +94,16 @@ def test_repro_writes_a_peft_adapter_and_reports(project):
     assert loss_curve[0] == "step\tloss" and len(loss_curve) == 7
     report = json.loads((project / "reports/eval.json").read_text())
     assert {"base", "tuned", "delta"} <= report.keys()
-    for metric in ("loss", "json_valid", "rouge_l", "general_accuracy"):
-        assert metric in report["tuned"] and metric in report["base"]
-    assert report["tuned"]["loss"] < report["base"]["loss"]
+    for metric in ("loss", "json_valid", "rouge_l", "chrf", "general_accuracy", "general_perplexity"):
+        for side in ("base", "tuned", "delta"):
+            entry = report[side][metric]  # every metric has its 95 % interval
+            assert entry["lower"] <= entry["value"] <= entry["upper"], (side, metric, entry)
+    assert report["tuned"]["loss"]["value"] < report["base"]["loss"]["value"]
+    assert report["n"]["test"] == 4 and report["interval"]["confidence"] == 0.95
+    # The per-row results the intervals come from are kept, one row per test row and probe.
+    scores = json.loads((project / "data/eval/tuned/scores.json").read_text())
+    assert len(scores["test"]) == 4 and all(r["loss_tokens"] > 0 for r in scores["test"])
+    assert len(scores["probes"]) == report["n"]["probes"] and scores["text"]
     assert (project / "reports/samples.md").read_text().count("| marks |") == 2
 
 
@@ -199,3 +209,68 @@ def test_canary_token_appears_nowhere(project):
             if CANARY.encode() in path.read_bytes():
                 leaks.append(str(path.relative_to(project)))
     assert not leaks, f"HF_TOKEN leaked into {leaks}"
+
+
+# --- the shared DVC cache (CI) through a local-directory remote ------------------------------------
+# Last in this module: it commits the fixture's outputs (dvc.lock) so that clones can find them.
+
+def _downstream(project, changed: set[str]) -> set[str]:
+    """The stages `dvc repro` runs: the changed ones and every stage that depends on them (dvc
+    status reports only the first; the others change when their inputs are rewritten)."""
+    import re
+
+    dot = _run([str(BIN / "dvc"), "dag", "--dot"], project).stdout
+    edges = re.findall(r'"([^"]+)" -> "([^"]+)"', dot)
+    result, frontier = set(changed), list(changed)
+    while frontier:
+        stage = frontier.pop()
+        for upstream, downstream in edges:
+            if upstream == stage and downstream not in result:
+                result.add(downstream)
+                frontier.append(downstream)
+    return result
+
+
+def test_shared_cache_through_a_local_remote(project, tmp_path):
+    dvc = str(BIN / "dvc")
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    # What main's CI does after its run: outputs and run-cache to the shared remote.
+    _run([dvc, "remote", "add", "-d", "shared", str(remote)], project)
+    _run([dvc, "push", "--run-cache"], project)
+    _run(["git", "add", "-A"], project)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "outputs"], project)
+
+    # A fresh clone (its own empty cache, no outputs): dvc pull, then nothing is out of date.
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    assert not (clone / "models/adapter").exists()
+    _run([dvc, "pull"], clone)
+    assert (clone / "models/adapter/adapter_model.safetensors").is_file()
+    assert _changed_stages(clone) == set()
+
+    # What a change re-runs, as `dvc repro` would decide it in that clone.
+    original = (clone / "params.yaml").read_text()
+    try:
+        _set_params(clone, {"evaluate": {"max_new_tokens": 20}})
+        assert _downstream(clone, _changed_stages(clone)) == {"evaluate_base", "evaluate"}
+        (clone / "params.yaml").write_text(original)
+        _set_params(clone, {"train": {"learning_rate": 0.0005}})
+        assert _downstream(clone, _changed_stages(clone)) == {"train", "evaluate", "export"}
+    finally:
+        (clone / "params.yaml").write_text(original)
+
+    # CI's path: another fresh clone runs `dvc repro --pull` without pulling first. Every stage
+    # matches a run in the remote's run-cache, so all are restored and none runs.
+    ci = tmp_path / "ci"
+    _run(["git", "clone", "-q", str(project), str(ci)], tmp_path)
+    result = _run([dvc, "repro", "--pull"], ci)
+    log = result.stdout + result.stderr
+    assert "Running stage" not in log, log[-3000:]
+    assert "Stage 'train' is cached - skipping run" in log
+    assert _changed_stages(ci) == set()
+
+    # A remote that is not there: said in one line, and CI falls back to running every stage.
+    done = _run([sys.executable, "-m", "qlora_dvc", "cache", "check", "--url", str(tmp_path / "gone")], ci)
+    assert done.stdout.strip() == "enabled=false"
+    assert "is not an existing directory" in done.stderr and "falling back to running every stage" in done.stderr

@@ -91,3 +91,13 @@ def test_eval_plot_rows_only_shares():
     assert all(set(r) == {"metric", "model", "value"} and 0 <= r["value"] <= 1 for r in rows)
     assert {"metric": "json_valid (tuned)", "model": "tuned", "value": 0.95} in rows
     assert eval_plot_rows({}) == []
+
+
+def test_eval_plot_rows_carry_intervals():
+    report = {"base": {"json_valid": {"value": 0.0, "lower": 0.0, "upper": 0.107},
+                       "field_accuracy": {"category": {"value": 0.5, "lower": 0.3, "upper": 0.7}}},
+              "tuned": {"json_valid": {"value": 1.0, "lower": 0.893, "upper": 1.0}}}
+    rows = eval_plot_rows(report)
+    assert {"metric": "json_valid (tuned)", "model": "tuned", "value": 1.0, "lower": 0.893, "upper": 1.0} in rows
+    assert {"metric": "field_accuracy.category (base)", "model": "base", "value": 0.5, "lower": 0.3,
+            "upper": 0.7} in rows

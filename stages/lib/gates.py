@@ -23,8 +23,7 @@ def parse_gate(text: str) -> Gate:
     return Gate(match[1], match[2], float(match[3]))
 
 
-def _lookup(report: dict, dotted: str):
-    """The value at a dotted path ("tuned.field_accuracy.category"); KeyError if absent."""
+def _lookup_raw(report: dict, dotted: str):
     value = report
     for part in dotted.split("."):
         if not isinstance(value, dict) or part not in value:
@@ -33,10 +32,23 @@ def _lookup(report: dict, dotted: str):
     return value
 
 
+def _lookup(report: dict, dotted: str):
+    """The value at a dotted path ("tuned.field_accuracy.category"); KeyError if absent.
+
+    A metric with an interval is {"value", "lower", "upper"}: its bare name means its value, so
+    `delta.general_accuracy >= -0.25` and `delta.general_accuracy.lower >= -0.25` both work."""
+    value = _lookup_raw(report, dotted)
+    if isinstance(value, dict) and "value" in value:
+        value = value["value"]
+    return value
+
+
 def _leaves(report: dict, prefix: str = "") -> list[str]:
     names = []
     for key, value in report.items():
         if isinstance(value, dict):
+            if "value" in value:
+                names.append(f"{prefix}{key}")
             names += _leaves(value, f"{prefix}{key}.")
         else:
             names.append(f"{prefix}{key}")
@@ -54,18 +66,28 @@ def _is_number(value) -> bool:
 
 
 def _context(report: dict, metric: str) -> str:
-    """ " (base 0.05)" for a tuned.* metric; the other two sides of base/tuned/delta otherwise."""
+    """ " (base 0.05, delta 0.85 [0.7, 0.95])" for a tuned.* metric: the other sides of
+    base/tuned/delta, and the interval of the metric when it has one."""
     side, _, rest = metric.partition(".")
     if side not in ("base", "tuned", "delta") or not rest:
         return ""
+    for bound in (".value", ".lower", ".upper"):
+        if rest.endswith(bound):
+            rest = rest[: -len(bound)]
     others = []
     for other in ("base", "tuned", "delta"):
-        if other == side:
+        try:
+            value = _lookup(report, f"{other}.{rest}")
+        except KeyError:
             continue
         try:
-            others.append(f"{other} {_fmt(_lookup(report, f'{other}.{rest}'))}")
-        except KeyError:
-            pass
+            entry = _lookup_raw(report, f"{other}.{rest}")
+            interval = f" [{_fmt(entry['lower'])}, {_fmt(entry['upper'])}]" if isinstance(entry, dict) else ""
+        except (KeyError, TypeError):
+            interval = ""
+        if other == side and not interval:
+            continue
+        others.append(f"{other} {_fmt(value)}{interval}")
     return f" ({', '.join(others)})" if others else ""
 
 

@@ -63,20 +63,21 @@ def generate(model, tokenizer, conversations: list[list[dict]], *, max_new_token
     return outputs
 
 
-def answer_loss(model, tokenizer, conversations: list[list[dict]], *, max_length: int,
-                batch_size: int) -> tuple[float | None, float | None]:
-    """Mean cross-entropy (nats/token) of the assistant turns given their prompts, and its
-    perplexity: the same tokens the training loss is computed on."""
+def answer_loss_rows(model, tokenizer, conversations: list[list[dict]], *, max_length: int,
+                     batch_size: int) -> list[tuple[float, int]]:
+    """Per conversation: summed cross-entropy (nats) of its assistant tokens given the prompt, and
+    how many tokens that is -- the tokens the training loss is computed on. (0.0, 0) for a row
+    with no assistant tokens. Kept per row so the evaluation can put an interval on the loss."""
     import torch
 
-    rows = [r for r in (tokenize_conversation(tokenizer, c, max_length) for c in conversations) if r]
-    if not rows:
-        return None, None
-    total, count = 0.0, 0
+    encoded = [tokenize_conversation(tokenizer, c, max_length) for c in conversations]
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(conversations)
+    present = [i for i, r in enumerate(encoded) if r]
     device = _device(model)
     with torch.inference_mode():
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
+        for start in range(0, len(present), batch_size):
+            chunk_index = present[start:start + batch_size]
+            chunk = [encoded[i] for i in chunk_index]
             width = max(len(r["input_ids"]) for r in chunk)
             pad = tokenizer.pad_token_id
             ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in chunk])
@@ -85,22 +86,56 @@ def answer_loss(model, tokenizer, conversations: list[list[dict]], *, max_length
             labels = torch.tensor([[t if m else -100 for t, m in zip(r["input_ids"], r["assistant_masks"])]
                                    + [-100] * (width - len(r["input_ids"])) for r in chunk])
             logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits.float()
-            shifted = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1).to(device),
-                ignore_index=-100, reduction="sum")
-            total += shifted.item()
-            count += int((labels[:, 1:] != -100).sum())
-    mean = total / count
+            targets = labels[:, 1:].to(device)
+            per_token = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1),
+                ignore_index=-100, reduction="none").view(targets.shape)
+            sums = per_token.sum(dim=1).tolist()
+            counts = (targets != -100).sum(dim=1).tolist()
+            for index, total, count in zip(chunk_index, sums, counts):
+                results[index] = (float(total), int(count))
+    return results
+
+
+def answer_loss(model, tokenizer, conversations: list[list[dict]], *, max_length: int,
+                batch_size: int) -> tuple[float | None, float | None]:
+    """Mean cross-entropy (nats/token) of the assistant turns given their prompts, and its
+    perplexity: the same tokens the training loss is computed on."""
+    rows = answer_loss_rows(model, tokenizer, conversations, max_length=max_length, batch_size=batch_size)
+    count = sum(n for _, n in rows)
+    if not count:
+        return None, None
+    mean = sum(total for total, _ in rows) / count
     return mean, math.exp(min(mean, 50.0))
 
 
-def text_perplexity(model, tokenizer, text: str, *, max_length: int = 1024) -> float | None:
-    """Perplexity of plain text (no chat template): a cheap check of general language modelling."""
+TEXT_BLOCK_TOKENS = 32  # the probe text is scored in one pass; its token losses are summed per block
+
+
+def text_nll_blocks(model, tokenizer, text: str, *, max_length: int = 1024,
+                    block_tokens: int = TEXT_BLOCK_TOKENS) -> list[dict]:
+    """Plain text (no chat template) scored in one forward pass; the per-token losses summed in
+    consecutive blocks: [{"id", "nll_sum", "tokens"}]. exp(sum of nll_sum / sum of tokens) is the
+    text's perplexity; the blocks are what its interval resamples. [] for text under 2 tokens."""
     import torch
 
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :max_length]
     if ids.shape[1] < 2:
-        return None
+        return []
+    device = _device(model)
     with torch.inference_mode():
-        loss = model(input_ids=ids.to(_device(model)), labels=ids.to(_device(model))).loss.item()
-    return math.exp(min(loss, 50.0))
+        logits = model(input_ids=ids.to(device)).logits.float()
+        per_token = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:].to(device),
+                                                      reduction="none").tolist()
+    return [{"id": f"block-{start // block_tokens:04d}", "nll_sum": float(sum(per_token[start:start + block_tokens])),
+             "tokens": len(per_token[start:start + block_tokens])}
+            for start in range(0, len(per_token), block_tokens)]
+
+
+def text_perplexity(model, tokenizer, text: str, *, max_length: int = 1024) -> float | None:
+    """Perplexity of plain text (no chat template): a cheap check of general language modelling."""
+    blocks = text_nll_blocks(model, tokenizer, text, max_length=max_length)
+    if not blocks:
+        return None
+    mean = sum(b["nll_sum"] for b in blocks) / sum(b["tokens"] for b in blocks)
+    return math.exp(min(mean, 50.0))

@@ -417,3 +417,77 @@ def flatten(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+# --- per-row results: what the intervals are computed from ----------------------------------------
+
+def chrf_row_stats(preds: Sequence[str], refs: Sequence[str]) -> list[list[int]]:
+    """sacrebleu's per-row chrF statistics (character/word n-gram counts and matches).
+
+    Corpus chrF is a function of these statistics summed over rows, so it can be recomputed on any
+    resample of rows without re-reading the text (sacrebleu's own significance tests do the same).
+    """
+    from sacrebleu.metrics.chrf import CHRF
+
+    _check_lengths(preds, refs)
+    if not preds:
+        return []
+    metric = CHRF()
+    stats = metric._extract_corpus_statistics([p or "" for p in preds], [[r or "" for r in refs]])
+    return [[int(x) for x in row] for row in stats]
+
+
+def chrf_from_stats(summed: Sequence[float]) -> float:
+    """Corpus chrF (0..1) from per-row statistics summed over the rows."""
+    from sacrebleu.metrics.chrf import CHRF
+
+    return CHRF()._compute_score_from_stats(list(summed)).score / 100.0
+
+
+def row_scores(preds: Sequence[str], refs: Sequence[str], params_evaluate: Any,
+               ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """One dict of scores per test row, the unit the intervals resample.
+
+    Keys: id, exact_match / empty_output (0 or 1), rouge_l (0..1), chrf_stats (see
+    chrf_row_stats); with JSON configured json_valid (0/1), schema_valid (0/1, with a schema) and
+    fields {name: 1 | 0 | None (the reference has no such field)}. Every metric of task_metrics
+    is an aggregate of these (stages/lib/uncertainty.py computes them, with intervals).
+    """
+    from rouge_score import rouge_scorer
+
+    _check_lengths(preds, refs)
+    ids = list(ids) if ids is not None else [str(i) for i in range(len(preds))]
+    _check_lengths(ids, preds)
+    extract = _param(params_evaluate, "extract")
+    schema = _param(params_evaluate, "json_schema")
+    fields = list(_param(params_evaluate, "json_fields", []) or [])
+    validator = schema_validator(schema) if schema is not None else None
+    regex = re.compile(extract) if isinstance(extract, str) else extract
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_UnicodeTokenizer())
+    chrf_stats = chrf_row_stats(preds, refs)
+    rows = []
+    for row_id, pred, ref, stats in zip(ids, preds, refs, chrf_stats):
+        if not rouge_tokenize(pred) and not rouge_tokenize(ref):
+            rouge = 1.0  # as rouge_l: nothing asked, nothing said
+        else:
+            rouge = scorer.score(ref or "", pred or "")["rougeL"].fmeasure
+        row: dict[str, Any] = {"id": row_id, "exact_match": int(is_exact_match(pred, ref, regex)),
+                               "empty_output": int(not (pred or "").strip()), "rouge_l": rouge,
+                               "chrf_stats": stats}
+        if validator is not None or fields:
+            obj, ref_obj = parse_json_output(pred), parse_json_output(ref)
+            row["json_valid"] = int(obj is not None)
+            if validator is not None:
+                row["schema_valid"] = int(obj is not None and validator.is_valid(obj))
+            row["fields"] = {
+                f: None if ref_obj is None or f not in ref_obj
+                else int(obj is not None and f in obj and _field_equal(obj[f], ref_obj[f]))
+                for f in fields}
+        rows.append(row)
+    return rows
+
+
+def probe_row_scores(outputs: Sequence[str], probes: Sequence[Mapping]) -> list[dict[str, Any]]:
+    """{"id", "passed": 0 | 1} per probe (see probe_passes)."""
+    _check_lengths(outputs, probes)
+    return [{"id": p["id"], "passed": int(probe_passes(o, p["accept"]))} for o, p in zip(outputs, probes)]

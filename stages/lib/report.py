@@ -127,19 +127,22 @@ def eval_plot_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     Only share metrics (0..1) are plotted; loss and perplexity would dwarf them. The label in
     "metric" carries the model ("json_valid (tuned)"): DVC's bar templates offset bars by
     revision only, so two rows with the same label in one revision would stack into one bar.
+    Each row also has the 95 % interval ("lower", "upper") when the report has one.
     """
     rows = []
     for model in ("base", "tuned"):
         metrics = report.get(model) or {}
         names = [m for m in SHARE_METRICS if m in metrics]
-        names += [f"field_accuracy.{f}" for f in sorted(metrics.get("field_accuracy") or {})]
+        names += [f"field_accuracy.{f}" for f in sorted(metrics.get("field_accuracy") or {})
+                  if f not in ("value", "lower", "upper")]
         for name in names:
-            if name.startswith("field_accuracy."):
-                value = metrics["field_accuracy"][name.split(".", 1)[1]]
-            else:
-                value = metrics[name]
+            entry = metrics["field_accuracy"][name.split(".", 1)[1]] if name.startswith("field_accuracy.") \
+                else metrics[name]
+            value = entry.get("value") if isinstance(entry, Mapping) else entry
             if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1:
-                rows.append({"metric": f"{name} ({model})", "model": model, "value": value})
+                row = {"metric": f"{name} ({model})", "model": model, "value": value}
+                if isinstance(entry, Mapping) and "lower" in entry and "upper" in entry:
+                    row.update(lower=entry["lower"], upper=entry["upper"])
+                rows.append(row)
     rows.sort(key=lambda r: r["metric"])
     return rows
-
