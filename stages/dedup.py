@@ -31,16 +31,13 @@ def main() -> int:
     import numpy as np
 
     from stages.lib import minhash
-    from stages.lib.io import OutputError, atomic_file, dumps_record, write_json
-    from stages.lib.params import ParamsError, load_params
+    from stages.lib.io import atomic_file, dumps_record, write_json
+    from stages.lib.params import load_params
     from stages.lib.parallel import ordered_map
     from stages.lib.progress import progress_bar
 
-    try:
-        params = load_params(stage="dedup").dedup
-    except ParamsError as exc:
-        print(f"dedup: {exc}", file=sys.stderr)
-        return 1
+    # Failures (params, input, output) raise; run_stage turns them into one line and exit 1.
+    params = load_params(stage="dedup").dedup
     hasher = minhash.MinHasher(params.num_perm, params.shingle_size, params.seed)
     layout = minhash.optimal_bands(params.threshold, params.num_perm, *minhash.RECALL_WEIGHTS)
     try:
@@ -51,20 +48,16 @@ def main() -> int:
     exact_keys = minhash.GrowingArray(None, np.uint64, rows)
     fingerprints = minhash.GrowingArray(params.num_perm, np.uint16, rows)
     band_keys = minhash.GrowingArray(layout.bands, np.uint32, rows if params.near else 1)
-    try:
-        with progress_bar("dedup: index") as progress:
-            # Worker processes parse and hash batches; this one reads lines and gathers results.
-            index_batch = functools.partial(minhash.dedup_index, hasher=hasher, layout=layout if params.near else None)
-            for batch in ordered_map(index_batch, minhash.read_batches(CLEAN_RECORDS)):
-                ids.extend(batch.ids)
-                exact_keys.extend(batch.exact_keys)
-                fingerprints.extend(batch.fingerprints)   # always: split reads them (SIGNATURES)
-                if params.near:
-                    band_keys.extend(batch.band_keys)
-                progress.update(len(batch.ids))
-    except minhash.RecordFileError as exc:
-        print(f"dedup: {exc}", file=sys.stderr)
-        return 1
+    with progress_bar("dedup: index") as progress:
+        # Worker processes parse and hash batches; this one reads lines and gathers results.
+        index_batch = functools.partial(minhash.dedup_index, hasher=hasher, layout=layout if params.near else None)
+        for batch in ordered_map(index_batch, minhash.read_batches(CLEAN_RECORDS)):
+            ids.extend(batch.ids)
+            exact_keys.extend(batch.exact_keys)
+            fingerprints.extend(batch.fingerprints)   # always: split reads them (SIGNATURES)
+            if params.near:
+                band_keys.extend(batch.band_keys)
+            progress.update(len(batch.ids))
     ids = ids.array()
     if len(ids) == 0:
         print(f"dedup: {CLEAN_RECORDS} has no records", file=sys.stderr)
@@ -73,32 +66,28 @@ def main() -> int:
     dups = minhash.find_duplicates(exact_keys.array(), fingerprints.array() if params.near else None,
                                    band_keys.array() if params.near else None, params.threshold)
     kinds = {minhash.EXACT: "exact", minhash.NEAR: "near"}
-    try:
-        with atomic_file(SIGNATURES, "wb") as signatures_out:
-            minhash.write_signatures(signatures_out, ids, dups, fingerprints.array(), params.shingle_size, params.seed)
-        with atomic_file(RECORDS, "wb") as kept_out, atomic_file(REMOVED) as removed_out:
-            row = 0
-            kind = dups.kind.tolist()
-            for batch in minhash.read_batches(CLEAN_RECORDS):
-                kept = [line for line, k in zip(batch.lines, kind[row:row + len(batch.lines)]) if k == 0]
-                # Kept lines byte for byte (UTF-8 was checked when they were parsed), each ending in
-                # one LF: one write per batch when they already do, as clean writes them.
-                block = b"".join(kept)
-                if block.count(b"\n") != len(kept) or b"\r" in block:
-                    block = b"".join(line.rstrip(b"\r\n") + b"\n" for line in kept)
-                kept_out.write(block)
-                for line in batch.lines:
-                    if kind[row] != 0:
-                        record = json.loads(line)
-                        removed_out.write(dumps_record({
-                            "id": record["id"], "duplicate_of": minhash.uint64_to_id(ids[dups.duplicate_of[row]]),
-                            "kind": kinds[kind[row]],
-                            "similarity": round(float(dups.similarity[row]), 4), "source": record["source"],
-                        }) + "\n")
-                    row += 1
-    except (OutputError, minhash.RecordFileError) as exc:
-        print(f"dedup: {exc}", file=sys.stderr)
-        return 1
+    with atomic_file(SIGNATURES, "wb") as signatures_out:
+        minhash.write_signatures(signatures_out, ids, dups, fingerprints.array(), params.shingle_size, params.seed)
+    with atomic_file(RECORDS, "wb") as kept_out, atomic_file(REMOVED) as removed_out:
+        row = 0
+        kind = dups.kind.tolist()
+        for batch in minhash.read_batches(CLEAN_RECORDS):
+            kept = [line for line, k in zip(batch.lines, kind[row:row + len(batch.lines)]) if k == 0]
+            # Kept lines byte for byte (UTF-8 was checked when they were parsed), each ending in
+            # one LF: one write per batch when they already do, as clean writes them.
+            block = b"".join(kept)
+            if block.count(b"\n") != len(kept) or b"\r" in block:
+                block = b"".join(line.rstrip(b"\r\n") + b"\n" for line in kept)
+            kept_out.write(block)
+            for line in batch.lines:
+                if kind[row] != 0:
+                    record = json.loads(line)
+                    removed_out.write(dumps_record({
+                        "id": record["id"], "duplicate_of": minhash.uint64_to_id(ids[dups.duplicate_of[row]]),
+                        "kind": kinds[kind[row]],
+                        "similarity": round(float(dups.similarity[row]), 4), "source": record["source"],
+                    }) + "\n")
+                row += 1
 
     removed_exact = int(np.sum(dups.kind == minhash.EXACT))
     removed_near = int(np.sum(dups.kind == minhash.NEAR))
@@ -118,11 +107,7 @@ def main() -> int:
                 "removed": removed_exact + removed_near, "kept": kept,
                 "ok": clean["rows_in"] == kept + clean["rejected"] + removed_exact + removed_near,
             }
-    try:
-        write_json(REPORT, report)
-    except OutputError as exc:
-        print(f"dedup: {exc}", file=sys.stderr)
-        return 1
+    write_json(REPORT, report)
     print(f"dedup: {len(ids)} rows in, {kept} kept, {removed_exact} exact and {removed_near} near duplicates removed")
     return 0
 

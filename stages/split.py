@@ -54,15 +54,12 @@ def _main(stack) -> int:
     import numpy as np
 
     from stages.lib import audit, minhash, splitting
-    from stages.lib.io import OutputError, atomic_file, write_json
-    from stages.lib.params import ParamsError, load_params
+    from stages.lib.io import atomic_file, write_json
+    from stages.lib.params import load_params
     from stages.lib.progress import progress_bar
 
-    try:
-        all_params = load_params(stage="split")
-    except ParamsError as exc:
-        print(f"split: {exc}", file=sys.stderr)
-        return 1
+    # Failures (params, input, output) raise; run_stage turns them into one line and exit 1.
+    all_params = load_params(stage="split")
     params = all_params.split
 
     def bar(desc, total):
@@ -73,25 +70,17 @@ def _main(stack) -> int:
     except FileNotFoundError:
         print(f"split: {DEDUP_RECORDS}: not found (run the dedup stage first: dvc repro dedup)", file=sys.stderr)
         return 1
-    try:
-        # Fingerprints as dedup computed them (with its params), and the rows it removed.
-        signatures = minhash.read_signatures(DEDUP_SIGNATURES)
-    except minhash.RecordFileError as exc:
-        print(f"split: {exc}", file=sys.stderr)
-        return 1
+    # Fingerprints as dedup computed them (with its params), and the rows it removed.
+    signatures = minhash.read_signatures(DEDUP_SIGNATURES)
     layout = splitting.group_layout(n_hint, params.group_threshold, signatures.num_perm)
     word_counts = {role: audit.WordFrequency() for role in splitting.COMPARED_ROLES}
     scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="split-tokens-"))
-    try:
-        with bar("split: index", n_hint) as progress:
-            index = splitting.build_index(DEDUP_RECORDS, None, layout, params.group_by,
-                                          splitting.TokenStore(scratch), progress, observers=word_counts,
-                                          expected_rows=n_hint)
-        splitting.attach_signatures(index, signatures, layout, str(DEDUP_SIGNATURES))
-        del signatures
-    except minhash.RecordFileError as exc:
-        print(f"split: {exc}", file=sys.stderr)
-        return 1
+    with bar("split: index", n_hint) as progress:
+        index = splitting.build_index(DEDUP_RECORDS, None, layout, params.group_by,
+                                      splitting.TokenStore(scratch), progress, observers=word_counts,
+                                      expected_rows=n_hint)
+    splitting.attach_signatures(index, signatures, layout, str(DEDUP_SIGNATURES))
+    del signatures
     n = len(index.ids)
     if n == 0:
         print(f"split: {DEDUP_RECORDS} has no records", file=sys.stderr)
@@ -121,26 +110,22 @@ def _main(stack) -> int:
     # Pass 3: copy every record to its side's file, in id order.
     order = np.argsort(index.ids, kind="stable")
     counts = {side: 0 for side in OUTPUTS}
-    try:
-        with contextlib.ExitStack() as outputs_stack:
-            outputs = {side: outputs_stack.enter_context(atomic_file(path, "wb")) for side, path in OUTPUTS.items()}
-            handle = outputs_stack.enter_context(open(DEDUP_RECORDS, "rb"))
-            progress = outputs_stack.enter_context(bar("split: write", n))
-            # Rows are in file order, so a record's bytes run to the next record's offset (blank
-            # lines included); one positioned read each, without seeking or a read-ahead buffer.
-            offsets = index.offsets.tolist()
-            spans = np.diff(np.append(index.offsets, os.fstat(handle.fileno()).st_size)).tolist()
-            row_sides = sides.tolist()
-            for row in order.tolist():
-                chunk = os.pread(handle.fileno(), spans[row], offsets[row])
-                end = chunk.find(b"\n")
-                side = row_sides[row]
-                outputs[side].write((chunk if end < 0 else chunk[:end]).rstrip(b"\r") + b"\n")
-                counts[side] += 1
-            progress.update(n)
-    except OutputError as exc:
-        print(f"split: {exc}", file=sys.stderr)
-        return 1
+    with contextlib.ExitStack() as outputs_stack:
+        outputs = {side: outputs_stack.enter_context(atomic_file(path, "wb")) for side, path in OUTPUTS.items()}
+        handle = outputs_stack.enter_context(open(DEDUP_RECORDS, "rb"))
+        progress = outputs_stack.enter_context(bar("split: write", n))
+        # Rows are in file order, so a record's bytes run to the next record's offset (blank
+        # lines included); one positioned read each, without seeking or a read-ahead buffer.
+        offsets = index.offsets.tolist()
+        spans = np.diff(np.append(index.offsets, os.fstat(handle.fileno()).st_size)).tolist()
+        row_sides = sides.tolist()
+        for row in order.tolist():
+            chunk = os.pread(handle.fileno(), spans[row], offsets[row])
+            end = chunk.find(b"\n")
+            side = row_sides[row]
+            outputs[side].write((chunk if end < 0 else chunk[:end]).rstrip(b"\r") + b"\n")
+            counts[side] += 1
+        progress.update(n)
 
     # Report: counts, and per check the pair count and a few examples.
     all_pairs = np.unique(np.concatenate([c.pairs for c in checks.values()]), axis=0)
@@ -184,11 +169,7 @@ def _main(stack) -> int:
     empty = [splitting.SIDE_NAMES[side] for side, fraction in wanted.items() if fraction > 0 and counts[side] == 0]
     report["empty_sides"] = empty
     report["passed"] = report["passed"] and not empty
-    try:
-        write_json(REPORT, report)
-    except OutputError as exc:
-        print(f"split: {exc}", file=sys.stderr)
-        return 1
+    write_json(REPORT, report)
     print(f"split: {n} rows -> train {report['train']}, validation {report['validation']}, test {report['test']} "
           f"({report['groups']} groups); leakage audit: "
           + ", ".join(f"{name} {entry['pairs']}" for name, entry in audit_report.items()))
