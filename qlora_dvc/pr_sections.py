@@ -145,19 +145,12 @@ def tuned_comparison(root: Path, sha: str, base_label: str, report: Mapping[str,
 
 
 def _point_comparison(report: Mapping[str, Any], base_report: Mapping[str, Any] | None, base_label: str) -> str:
-    import pandas as pd
+    from stages.lib.review import point_comparison_table, to_markdown
 
-    from stages.lib.review import _entries, _num, _order, to_markdown
-
-    new = _entries(report.get("tuned"))
-    old = _entries((base_report or {}).get("tuned"))
+    old = (base_report or {}).get("tuned")
     if not old:
         return f"*`{base_label}` has no reports/eval.json: nothing to compare the tuned model with.*"
-    rows = [{"metric": name, f"tuned @ {base_label}": _num(old[name]["value"]) if name in old else "—",
-             "tuned (this PR)": _num(new[name]["value"]) if name in new else "—",
-             "change": _num(new[name]["value"] - old[name]["value"], True) if name in old and name in new else "—"}
-            for name in _order(set(new) | set(old))]
-    return to_markdown(pd.DataFrame(rows))
+    return to_markdown(point_comparison_table(old, report.get("tuned"), f"tuned @ {base_label}", "tuned (this PR)"))
 
 
 def reviewer_table(report: Mapping[str, Any]) -> str:

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stages.lib.review import comparison_table, eval_table, to_markdown, verdict_counts
+from stages.lib.review import comparison_table, eval_table, point_comparison_table, to_markdown, verdict_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = {
@@ -61,3 +61,10 @@ def test_table_command(tmp_path):
     done = subprocess.run([sys.executable, "-m", "qlora_dvc", "table"], cwd=tmp_path, env=env,
                           capture_output=True, text=True)
     assert done.returncode == 1 and "does not exist; run `dvc repro` first" in done.stderr
+
+
+def test_point_comparison_without_intervals():
+    frame = point_comparison_table({"json_valid": 0.5, "loss": {"value": 1.2}}, REPORT["tuned"], "tuned @ main", "now")
+    rows = {r["metric"]: r for r in frame.to_dict("records")}
+    assert rows["json_valid"]["change"] == "+0.500" and rows["loss"]["change"] == "-0.390"
+    assert rows["field_accuracy.category"]["tuned @ main"] == "—"

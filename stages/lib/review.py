@@ -96,6 +96,20 @@ def comparison_table(compared: Mapping[str, Any], old_label: str, new_label: str
                                        "verdict"])
 
 
+def point_comparison_table(old_block: Mapping[str, Any] | None, new_block: Mapping[str, Any] | None,
+                           old_label: str, new_label: str):
+    """Two sides of eval.json (e.g. the tuned model now and at the base revision) compared on point
+    values only: for when the per-row results an interval needs are not available."""
+    import pandas as pd
+
+    old, new = _entries(old_block), _entries(new_block)
+    rows = [{"metric": name, old_label: _num(old[name]["value"]) if name in old else "—",
+             new_label: _num(new[name]["value"]) if name in new else "—",
+             "change": _num(new[name]["value"] - old[name]["value"], True) if name in old and name in new else "—"}
+            for name in _order(set(new) | set(old))]
+    return pd.DataFrame(rows, columns=["metric", old_label, new_label, "change"])
+
+
 def to_markdown(frame) -> str:
     """A GitHub table; cells are plain text (metric names and numbers), left as they are."""
     if frame.empty:
