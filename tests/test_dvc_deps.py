@@ -166,3 +166,27 @@ def test_training_code_edit_leaves_evaluate_base_cached(tmp_path):
     generation = project / "stages/lib/generation.py"
     generation.write_text(generation.read_text() + "\n# an edit to the generation code\n")
     assert {"evaluate_base", "evaluate"} <= _changed_stages(project)
+
+
+def _string_literals(paths) -> set[str]:
+    found = set()
+    for path in paths:
+        for node in ast.walk(ast.parse((ROOT / path).read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and "/" in node.value:
+                found.add(node.value.rstrip("/"))
+    return found
+
+
+@pytest.mark.parametrize("name", sorted(_stages()))
+def test_paths_in_dvc_yaml_are_the_paths_the_stage_uses(name):
+    # An output or data input renamed in dvc.yaml but not in the code (or the other way round)
+    # would make DVC cache a file the stage never writes, or miss the one it reads.
+    stage = _stages()[name]
+    paths = [str(d) for d in stage["deps"] if not str(d).endswith(".py") and "${" not in str(d)]
+    for section in ("outs", "metrics", "plots"):
+        paths += [next(iter(e)) if isinstance(e, dict) else e for e in stage.get(section, [])]
+    literals = _string_literals(project_imports(_script_of(stage)))
+    # The code may name the path itself, a folder above it, or a file inside it.
+    unknown = [p for p in paths if not any(p == lit or p.startswith(lit + "/") or lit.startswith(p + "/")
+                                           for lit in literals)]
+    assert not unknown, f"dvc.yaml stage {name!r} names paths its code never mentions: {unknown}"
