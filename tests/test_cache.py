@@ -71,3 +71,50 @@ def test_local_remote_is_configured_locally_checked_and_pushed(project, tmp_path
     done = cache(project, "push")
     assert done.returncode == 0, done.stderr
     assert any(remote.rglob("*")), "nothing was pushed"
+
+
+PIPELINE = """
+stages:
+  prepare:
+    cmd: {python} -c "import yaml; open('a.txt', 'w').write(str(yaml.safe_load(open('params.yaml'))['x']))"
+    params: [x]
+    outs: [a.txt]
+  train:
+    cmd: {python} -c "open('b.txt', 'w').write(open('a.txt').read() * 2)"
+    deps: [a.txt]
+    outs: [b.txt]
+"""
+
+
+def test_a_fresh_clone_reuses_runs_through_the_run_cache(project, tmp_path):
+    """What CI does with the shared cache, on a two-stage pipeline: main pushes outputs and
+    run-cache; a fresh clone whose params no dvc.lock describes (CI's own config) restores every
+    stage from the run-cache instead of running it; a stage whose params changed still runs."""
+    dvc = dvc_executable()
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (project / "dvc.yaml").write_text(PIPELINE.format(python=sys.executable))
+    (project / "params.yaml").write_text("x: 1\n")
+    assert run([dvc, "repro", "-q"], project).returncode == 0
+    assert cache(project, "check", DVC_REMOTE_URL=str(remote)).stdout.strip() == "enabled=true"
+    assert cache(project, "push").returncode == 0
+    run(["git", "add", "-A"], project)
+    assert run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run"], project).returncode == 0
+
+    clone = tmp_path / "clone"
+    assert run(["git", "clone", "-q", str(project), str(clone)], tmp_path).returncode == 0
+    (clone / "dvc.lock").unlink()
+    assert cache(clone, "check", DVC_REMOTE_URL=str(remote)).stdout.strip() == "enabled=true"
+    done = run([dvc, "repro", "--pull"], clone)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log
+    assert "Running stage" not in log
+    assert "Stage 'prepare' is cached - skipping run" in log and "Stage 'train' is cached - skipping run" in log
+    assert (clone / "b.txt").read_text() == "11"
+
+    # A changed param: that stage runs, and the one downstream of it (its input changed).
+    (clone / "params.yaml").write_text("x: 2\n")
+    done = run([dvc, "repro", "--pull"], clone)
+    log = done.stdout + done.stderr
+    assert "Running stage 'prepare'" in log and "Running stage 'train'" in log
+    assert (clone / "b.txt").read_text() == "22"
