@@ -49,12 +49,11 @@ def main() -> int:
 def _main(stack) -> int:
     import contextlib
     import os
-    import tempfile
 
     import numpy as np
 
     from stages.lib import audit, minhash, splitting
-    from stages.lib.io import atomic_file, write_json
+    from stages.lib.io import atomic_file, scratch_dir, write_json
     from stages.lib.params import load_params
     from stages.lib.progress import progress_bar
 
@@ -74,7 +73,9 @@ def _main(stack) -> int:
     signatures = minhash.read_signatures(DEDUP_SIGNATURES)
     layout = splitting.group_layout(n_hint, params.group_threshold, signatures.num_perm)
     word_counts = {role: audit.WordFrequency() for role in splitting.COMPARED_ROLES}
-    scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="split-tokens-"))
+    # Word-hash store (tens of MB on large inputs): beside the outputs, removed on the way out,
+    # swept by the next run if this one is SIGKILLed.
+    scratch = stack.enter_context(scratch_dir(OUTPUTS[0].parent / "tokens"))
     with bar("split: index", n_hint) as progress:
         index = splitting.build_index(DEDUP_RECORDS, None, layout, params.group_by,
                                       splitting.TokenStore(scratch), progress, observers=word_counts,

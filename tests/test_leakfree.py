@@ -404,4 +404,5 @@ def test_the_property_test_saw_thousands_of_families():
     planted families, and dedup removed rows in them (so the removed-row links were exercised)."""
     if FAMILIES_SEEN["examples"] == 0:
         pytest.skip("the property test did not run in this session")
+    print(f"property test: {FAMILIES_SEEN}")
     assert FAMILIES_SEEN["families"] >= 2000 and FAMILIES_SEEN["removed"] >= 300, FAMILIES_SEEN

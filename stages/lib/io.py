@@ -21,6 +21,58 @@ class OutputError(OSError):
     """An output could not be written (read-only directory, disk full, ...)."""
 
 
+def _temp_prefix(path: Path) -> str:
+    # The writer's pid is in the name, so a later run can tell a temp file whose writer died
+    # (SIGKILL, power loss) from one being written right now.
+    return f".{path.name}.{os.getpid()}."
+
+
+def sweep_stale_temps(path: Path) -> None:
+    """Remove temporary files/folders beside `path` that a process now dead left behind
+    (`.<name>.<pid>.*.tmp`): a killed stage cannot clean up, its next run does."""
+    prefix = f".{path.name}."
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    for entry in entries:
+        if not (entry.name.startswith(prefix) and entry.name.endswith(".tmp")):
+            continue
+        pid = entry.name[len(prefix):].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def scratch_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder `.<name>.<pid>.*.tmp` beside `path`, removed on the way out (also on
+    an exception or a SIGTERM turned into one); one left by a killed run is swept by the next.
+    Beside the outputs, not in /tmp: a re-run of the stage is what cleans it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temps(path)
+    folder = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -61,7 +113,8 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        sweep_stale_temps(path)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
@@ -146,7 +199,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp directory beside `path`; on success replace `path` with it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    sweep_stale_temps(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         _publish_mode(tmp, 0o777)

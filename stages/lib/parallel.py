@@ -5,12 +5,19 @@ independent (hashes, signatures, cleaned lines). Worker processes (forked, so no
 re-imported) do the batches; the parent reads the input, hands batches out and takes results
 back in input order whatever the scheduling, so outputs stay byte-identical run to run and
 identical to a single-process run (tests/test_parallel.py).
+
+Shutdown: when the stage fails or is terminated (an exception, SIGTERM turned into one by
+stages/lib/stage.py, Ctrl-C), the workers are terminated at once instead of finishing their
+batches; and each worker asks the kernel to kill it when its parent dies (PR_SET_PDEATHSIG), so
+a SIGKILLed stage leaves no worker blocked on a queue nobody will ever fill
+(tests/test_shutdown.py).
 """
 from __future__ import annotations
 
 import itertools
 import multiprocessing
 import os
+import signal
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable, Iterable, Iterator, Optional, TypeVar
@@ -38,6 +45,37 @@ def default_workers() -> int:
     return max(1, min(8, available))
 
 
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: SIGKILL this worker when the stage process dies (Linux prctl
+    PR_SET_PDEATHSIG; elsewhere a no-op), and leave SIGINT/SIGTERM to the default action, the
+    parent being the one that turns them into a clean shutdown."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C reaches the whole group: the parent handles it
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)        # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):   # pragma: no cover - not Linux
+        pass
+    if os.getppid() != parent:   # the parent died before the prctl took effect
+        os._exit(1)
+
+
+def _terminate(pool: ProcessPoolExecutor) -> None:
+    """Stop the workers now. ProcessPoolExecutor has no terminate(); its process table
+    (`_processes`, pid -> Process) is what shutdown itself walks. Then release queues and threads."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=5)
+    # wait=True: the executor's manager thread sees the dead workers, fails what was pending and
+    # exits, closing its pipes itself (with wait=False its exit hook can write to a closed pipe).
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 def ordered_map(function: Callable[[T], R], items: Iterable[T], workers: Optional[int] = None) -> Iterator[R]:
     """`map(function, items)` run by `workers` processes, yielding results in input order.
 
@@ -57,15 +95,19 @@ def ordered_map(function: Callable[[T], R], items: Iterable[T], workers: Optiona
         return
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else None)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        pending: deque = deque()
-        try:
-            for item in itertools.chain(head, items):
-                pending.append(pool.submit(function, item))
-                if len(pending) >= 2 * workers:
-                    yield pending.popleft().result()
-            while pending:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_die_with_parent,
+                               initargs=(os.getpid(),))
+    pending: deque = deque()
+    try:
+        for item in itertools.chain(head, items):
+            pending.append(pool.submit(function, item))
+            if len(pending) >= 2 * workers:
                 yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
+        while pending:
+            yield pending.popleft().result()
+    except BaseException:
+        # A failure, a signal turned into an exception, or the consumer giving up (GeneratorExit):
+        # the remaining batches are of no use, so the workers stop now.
+        _terminate(pool)
+        raise
+    pool.shutdown(wait=True)

@@ -7,11 +7,15 @@
 - An exception becomes one line on stderr, "<stage>: <message>", and exit status 1: a user
   running `dvc repro` sees what went wrong, not a page of traceback. The full traceback is
   printed with `--debug` on the command line or QLORA_DVC_DEBUG=1 in the environment.
-- Ctrl-C becomes "<stage>: interrupted" and exit status 130 (the shell's convention for SIGINT).
+- Ctrl-C becomes "<stage>: interrupted" and exit status 130 (the shell's convention for SIGINT);
+  SIGTERM becomes "<stage>: terminated" and exit status 143. Both are raised as exceptions in the
+  stage, so that temporary files are removed and worker processes stopped on the way out
+  (stages/lib/io.py, stages/lib/parallel.py).
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from typing import Callable
@@ -22,6 +26,14 @@ DEBUG_ENV = "QLORA_DVC_DEBUG"
 
 class StageError(RuntimeError):
     """A failure the stage explains itself: its message is all the user needs."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the stage is, so that every `finally` and context manager runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def debug_requested(argv: list[str] | None = None) -> bool:
@@ -44,6 +56,7 @@ def run_stage(name: str, main: Callable[..., int | None], argv: list[str] | None
 
     `--debug` is taken out of argv before `main` sees it."""
     debug = debug_requested(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         if argv is None:
             if DEBUG_FLAG in sys.argv[1:]:
@@ -54,6 +67,9 @@ def run_stage(name: str, main: Callable[..., int | None], argv: list[str] | None
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{name}: terminated", file=sys.stderr)
+        return 143
     except SystemExit:
         raise  # argparse's --help and usage errors keep their own status
     except Exception as exc:  # noqa: BLE001 - the point of the wrapper
@@ -61,4 +77,6 @@ def run_stage(name: str, main: Callable[..., int | None], argv: list[str] | None
             traceback.print_exc()
         print(f"{name}: {_one_line(exc)}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0 if status is None else int(status)
