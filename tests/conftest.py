@@ -34,3 +34,46 @@ def smollm2_base_dir() -> Path:
     from stages.lib.params import ModelParams
 
     return Path(resolve_base_model(ModelParams(), root=ROOT / "models/base").path)
+
+
+CHAT_TEMPLATES = ROOT / "tests/data/chat_templates"
+
+
+def chat_families() -> dict:
+    """tests/data/chat_templates/families.json without its comment: family -> model, template
+    file, control tokens, end-of-turn text."""
+    import json
+
+    families = json.loads((CHAT_TEMPLATES / "families.json").read_text(encoding="utf-8"))
+    return {name: spec for name, spec in families.items() if not name.startswith("_")}
+
+
+@pytest.fixture(scope="session")
+def family_tokenizer(smollm2_tokenizer):
+    """family name -> the SmolLM2 tokenizer with that family's real chat template and its control
+    tokens added as special tokens (bos/eos set as the family's tokenizer_config.json has them)."""
+    import copy
+
+    families, built = chat_families(), {}
+
+    def build(name: str):
+        if name not in built:
+            spec = families[name]
+            tokenizer = copy.deepcopy(smollm2_tokenizer)
+            control = [t for t in [spec["bos"], spec["eos"], *spec["special"]] if t]
+            if control:
+                tokenizer.add_special_tokens({"additional_special_tokens": control},
+                                             replace_extra_special_tokens=False)
+            if spec.get("added"):
+                tokenizer.add_tokens(spec["added"])
+            if spec["bos"]:
+                tokenizer.bos_token = spec["bos"]
+            if spec["eos"]:
+                tokenizer.eos_token = spec["eos"]
+            if spec["template"]:
+                tokenizer.chat_template = (CHAT_TEMPLATES / spec["template"]).read_text(encoding="utf-8")
+            tokenizer.name_or_path = spec["model"]
+            built[name] = tokenizer
+        return built[name]
+
+    return build

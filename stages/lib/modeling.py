@@ -35,6 +35,7 @@ class ResolvedModel:
     revision: str | None
     trust_remote_code: bool
     label: str                # what reports call it
+    chat_template: str | None = None  # model.chat_template: replaces the tokenizer's template
 
     def from_pretrained_kwargs(self) -> dict:
         # use_safetensors=True: never unpickle weights from a download (a .bin can run code).
@@ -101,15 +102,16 @@ def resolve_base_model(model_params, root: Path = MATERIALIZED_ROOT) -> Resolved
     base = model_params.base
     if base in BUILTIN_MODELS:
         path = materialize_gguf(find_builtin_gguf(BUILTIN_MODELS[base]), root)
-        return ResolvedModel(str(path), None, False, base)
+        return ResolvedModel(str(path), None, False, base, model_params.chat_template)
     if Path(base).is_dir():
-        return ResolvedModel(base, None, model_params.trust_remote_code, base)
+        return ResolvedModel(base, None, model_params.trust_remote_code, base, model_params.chat_template)
     if Path(base).exists() or base.startswith((".", "/")):
         raise ModelError(f"model.base: {base!r} is not a model directory")
     if not model_params.revision:
         log.warning("model.revision is not pinned: %s may change on the hub under the same "
                     "params, and DVC would not notice", base)
-    return ResolvedModel(base, model_params.revision, model_params.trust_remote_code, base)
+    return ResolvedModel(base, model_params.revision, model_params.trust_remote_code, base,
+                         model_params.chat_template)
 
 
 def pick_compute_dtype(requested: str, cuda: bool):
@@ -123,12 +125,24 @@ def pick_compute_dtype(requested: str, cuda: bool):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[requested]
 
 
+def read_chat_template(value: str) -> str:
+    """model.chat_template: a path to a .jinja file, or the template text itself."""
+    if value.endswith((".jinja", ".j2", ".txt")) and "{" not in value:
+        path = Path(value)
+        if not path.is_file():
+            raise ModelError(f"model.chat_template: {value!r} is not a file")
+        return path.read_text(encoding="utf-8")
+    return value
+
+
 def load_tokenizer(resolved: ResolvedModel):
     from transformers import AutoTokenizer
 
     kwargs = resolved.from_pretrained_kwargs()
     kwargs.pop("use_safetensors")
     tokenizer = AutoTokenizer.from_pretrained(resolved.path, **kwargs)
+    if resolved.chat_template:
+        tokenizer.chat_template = read_chat_template(resolved.chat_template)
     if tokenizer.chat_template is None:
         raise ModelError(f"{resolved.label}: the tokenizer has no chat template; use an instruct/chat "
                          "model or add a chat_template to its tokenizer_config.json")

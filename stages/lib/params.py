@@ -131,6 +131,9 @@ class ModelParams(_Section):
     base: str = "smollm2-135m-instruct"
     revision: Optional[str] = None
     trust_remote_code: bool = False
+    # Replaces the tokenizer's chat template: a .jinja file (path from the project root) or the
+    # template text itself. For a model whose own template cannot give a correct loss mask.
+    chat_template: Optional[str] = None
 
 
 class LoraParams(_Section):
