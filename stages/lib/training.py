@@ -17,10 +17,24 @@ from stages.lib.io import read_jsonl
 from stages.lib.packing import PACKED_ATTENTION, register_packed_attention, varlen_available
 
 
-def build_dataset(records: list[dict], tokenizer, max_length: int):
-    """Tokenise records into a datasets.Dataset; return it and how many were dropped."""
-    from datasets import Dataset
+def supervision_stats(rows: list[dict], dropped: int) -> dict:
+    """How much of the data the loss sees: the supervised (assistant-mask) share of each kept
+    example's tokens, its mean and minimum, and the examples dropped because truncation to
+    train.max_length left them no assistant token. A mask that covered nothing, or everything,
+    would show here before it showed in the model."""
+    shares = [sum(r["assistant_masks"]) / len(r["assistant_masks"]) for r in rows]
+    return {
+        "examples": len(rows),
+        "dropped_no_assistant_token": dropped,
+        "supervised_tokens": sum(sum(r["assistant_masks"]) for r in rows),
+        "tokens": sum(len(r["assistant_masks"]) for r in rows),
+        "supervised_share_mean": round(sum(shares) / len(shares), 4) if shares else 0.0,
+        "supervised_share_min": round(min(shares), 4) if shares else 0.0,
+    }
 
+
+def tokenize_records(records: list[dict], tokenizer, max_length: int) -> tuple[list[dict], dict]:
+    """Each record's ids and assistant mask (stages/lib/chat.py), and `supervision_stats`."""
     rows, dropped = [], 0
     for record in records:
         row = tokenize_conversation(tokenizer, record["messages"], max_length)
@@ -28,9 +42,23 @@ def build_dataset(records: list[dict], tokenizer, max_length: int):
             dropped += 1
         else:
             rows.append(row)
+    return rows, supervision_stats(rows, dropped)
+
+
+def build_dataset(records: list[dict], tokenizer, max_length: int):
+    """Tokenise records into a datasets.Dataset; return it and its `supervision_stats`."""
+    from datasets import Dataset
+
+    rows, stats = tokenize_records(records, tokenizer, max_length)
     columns = {"input_ids": [r["input_ids"] for r in rows],
                "assistant_masks": [r["assistant_masks"] for r in rows]}
-    return Dataset.from_dict(columns), dropped
+    return Dataset.from_dict(columns), stats
+
+
+def no_supervision_message(stats: dict, max_length: int) -> str:
+    return (f"no token to train on: all {stats['dropped_no_assistant_token']} training examples lost "
+            f"every assistant token to truncation at train.max_length={max_length} (their prompts are "
+            f"longer); raise train.max_length or shorten the prompts")
 
 
 # Packed tokens per micro-batch for the CUDA profiles when train.tokens_per_batch is null, chosen by
@@ -324,10 +352,12 @@ def run_training(params, *, train_path: Path, validation_path: Path, adapter_dir
     validation_records = list(read_jsonl(validation_path)) if validation_path.exists() else []
     if not train_records:
         raise TrainError(f"{train_path} is empty: nothing to train on")
-    train_dataset, dropped = build_dataset(train_records, tokenizer, train.max_length)
-    if len(train_dataset) == 0:
-        raise TrainError(f"every training example lost its answer to truncation at "
-                         f"train.max_length={train.max_length}; raise it")
+    train_dataset, supervision = build_dataset(train_records, tokenizer, train.max_length)
+    if supervision["supervised_tokens"] == 0:
+        raise TrainError(no_supervision_message(supervision, train.max_length))
+    if supervision["dropped_no_assistant_token"]:
+        print(f"train: {supervision['dropped_no_assistant_token']} of {len(train_records)} examples dropped: "
+              f"truncation at train.max_length={train.max_length} left them no assistant token", file=sys.stderr)
     eval_dataset = build_dataset(validation_records, tokenizer, train.max_length)[0] if validation_records else None
     if eval_dataset is not None and len(eval_dataset) == 0:
         eval_dataset = None
@@ -373,7 +403,11 @@ def run_training(params, *, train_path: Path, validation_path: Path, adapter_dir
     report = {
         "model": resolved.label, "device": plan.device, "plan": asdict(plan),
         "steps": state.global_step, "epochs": round(state.epoch or 0, 4),
-        "train_examples": len(train_dataset), "dropped_by_truncation": dropped,
+        "train_examples": len(train_dataset),
+        "dropped_by_truncation": supervision["dropped_no_assistant_token"],
+        "supervised_share_mean": supervision["supervised_share_mean"],
+        "supervised_share_min": supervision["supervised_share_min"],
+        "supervised_tokens": supervision["supervised_tokens"],
         "first_loss": round(losses[0], 4) if losses else None,
         "final_loss": round(losses[-1], 4) if losses else None,
         "mean_loss": round(result.training_loss, 4),
