@@ -155,6 +155,14 @@ def test_params_changes_invalidate_exactly_their_stages(project):
         (project / "params.yaml").write_text(original)
         _set_params(project, {"evaluate": {"max_new_tokens": 20}})
         assert _changed_stages(project) == {"evaluate_base", "evaluate"}
+        (project / "params.yaml").write_text(original)
+        # The judge's params re-run the judge alone, never the (minutes-long) generation; its
+        # operational knobs re-run nothing.
+        _set_params(project, {"evaluate": {"judge.rubric": "Prefer the shorter answer."}})
+        assert _changed_stages(project) == {"judge"}
+        (project / "params.yaml").write_text(original)
+        _set_params(project, {"evaluate": {"judge.retries": 9, "judge.timeout_s": 5, "judge.concurrency": 4}})
+        assert _changed_stages(project) == set()
     finally:
         (project / "params.yaml").write_text(original)
     assert _changed_stages(project) == set()
@@ -253,10 +261,11 @@ def test_shared_cache_through_a_local_remote(project, tmp_path):
     original = (clone / "params.yaml").read_text()
     try:
         _set_params(clone, {"evaluate": {"max_new_tokens": 20}})
-        assert _downstream(clone, _changed_stages(clone)) == {"evaluate_base", "evaluate"}
+        # judge and prefs read both evaluations' answers (cheap: the judge is off by default).
+        assert _downstream(clone, _changed_stages(clone)) == {"evaluate_base", "evaluate", "judge", "prefs"}
         (clone / "params.yaml").write_text(original)
         _set_params(clone, {"train": {"learning_rate": 0.0005}})
-        assert _downstream(clone, _changed_stages(clone)) == {"train", "evaluate", "export"}
+        assert _downstream(clone, _changed_stages(clone)) == {"train", "evaluate", "export", "judge", "prefs"}
     finally:
         (clone / "params.yaml").write_text(original)
 
@@ -277,3 +286,50 @@ def test_shared_cache_through_a_local_remote(project, tmp_path):
     done = _run([sys.executable, "-m", "qlora_dvc", "cache", "check", "--url", str(tmp_path / "gone")], ci)
     assert done.stdout.strip() == "enabled=false"
     assert "is not an existing directory" in done.stderr and "falling back to running every stage" in done.stderr
+
+
+def test_judge_on_with_a_stand_in_judge_server(project, tmp_path, monkeypatch):
+    """Issue 16's "done when": with llama.cpp's server serving the default model as a stand-in
+    judge, `dvc repro` with the judge on writes reports/judge.json with both orders judged for
+    every row, a second `dvc repro` does nothing, the PR report shows the judge's win rate with
+    its interval, and a new adapter re-judges."""
+    from test_judge_llama import MODEL_ALIAS, llama_judge_server
+
+    key = "sk-judge-canary-" + uuid.uuid4().hex
+    monkeypatch.setenv("JUDGE_API_KEY", key)     # llama.cpp ignores it; it must leak nowhere
+    original = (project / "params.yaml").read_text()
+    try:
+        with llama_judge_server(tmp_path) as url:
+            _set_params(project, {"evaluate": {"judge.enabled": True, "judge.url": url, "judge.model": MODEL_ALIAS,
+                                               "judge.response_format": "json_object_schema",
+                                               "judge.max_tokens": 96, "judge.timeout_s": 300}})
+            first = _run([str(BIN / "dvc"), "repro"], project)
+            second = _run([str(BIN / "dvc"), "repro"], project)
+            log = first.stdout + first.stderr
+            assert "Running stage 'judge'" in log
+            assert "Data and pipelines are up to date" in second.stdout + second.stderr
+            rows = [json.loads(line)["id"] for line in (project / "data/eval/tuned/predictions.jsonl").read_text().splitlines()]
+            report = json.loads((project / "reports/judge.json").read_text())
+            assert report["enabled"] is True and report["rows"] == len(rows) == TINY["evaluate"]["max_samples"]
+            replies = [json.loads(line) for line in (project / "data/judge/replies.jsonl").read_text().splitlines()]
+            assert sorted((r["id"], r["order"]) for r in replies) == sorted(
+                (row, order) for row in rows for order in ("base_first", "tuned_first"))
+            assert all(r["reply"] for r in replies) and report["unparsable"]["count"] == 0
+            assert sum(report[k]["count"] for k in ("win", "tie", "loss", "unparsable")) == len(rows)
+            assert report["win"]["lower"] <= report["win"]["rate"] <= report["win"]["upper"]
+            _run([sys.executable, "-m", "qlora_dvc", "pr-report", "--base", "HEAD", "--no-plots", "--out", "pr.md"],
+                 project)
+            win = report["win"]
+            assert (f"| LLM judge `{MODEL_ALIAS}`, {len(rows)} rows × 2 orders | {win['rate']:.2f} "
+                    f"[{win['lower']:.2f}, {win['upper']:.2f}] |") in (project / "pr.md").read_text()
+            # A new adapter means new tuned answers: the judge runs again (export is left out here).
+            _set_params(project, {"train": {"lora.r": 4}})
+            third = _run([str(BIN / "dvc"), "repro", "judge"], project)
+            log3 = third.stdout + third.stderr
+            assert "Running stage 'train'" in log3 and "Running stage 'judge'" in log3
+            assert json.loads((project / "reports/judge.json").read_text())["judgements"] == 2 * len(rows)
+    finally:
+        (project / "params.yaml").write_text(original)
+    for path in project.rglob("*"):
+        if path.is_file() and path.stat().st_size < 50_000_000 and ".git" not in path.parts:
+            assert key.encode() not in path.read_bytes(), f"the judge key leaked into {path}"
