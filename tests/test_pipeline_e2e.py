@@ -220,7 +220,8 @@ def test_canary_token_appears_nowhere(project):
 
 
 # --- the shared DVC cache (CI) through a local-directory remote ------------------------------------
-# Last in this module: it commits the fixture's outputs (dvc.lock) so that clones can find them.
+# It commits the fixture's outputs (dvc.lock, the remote in .dvc/config) so that clones can find them;
+# the workspace itself is left as it was, so the tests after it see the same project.
 
 def _downstream(project, changed: set[str]) -> set[str]:
     """The stages `dvc repro` runs: the changed ones and every stage that depends on them (dvc
