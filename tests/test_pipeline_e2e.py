@@ -89,7 +89,9 @@ def test_repro_writes_a_peft_adapter_and_reports(project):
     train = json.loads((project / "reports/train.json").read_text())
     assert train["steps"] == 6
     assert train["final_loss"] < train["first_loss"], "training on CPU must lower the loss"
-    assert train["plan"]["compute_dtype"] == "fp32" and train["plan"]["quantize"] is True
+    # The CPU default: no nf4, bf16 products of the frozen weights (fp32 LoRA, norms, loss), packed rows.
+    assert train["plan"]["compute_dtype"] == "bf16" and train["plan"]["quantize"] is False
+    assert train["plan"]["packing"] is True
     loss_curve = (project / "reports/train/plots/metrics/train/loss.tsv").read_text().splitlines()
     assert loss_curve[0] == "step\tloss" and len(loss_curve) == 7
     report = json.loads((project / "reports/eval.json").read_text())

@@ -5,7 +5,7 @@ import pytest
 
 from stages.lib.params import TrainParams
 from stages.lib.packing import PACKED_ATTENTION
-from stages.lib.training import (LOW_MEMORY_TOKENS, THROUGHPUT_TOKENS, TrainingPlan,
+from stages.lib.training import (CPU_TOKENS, LOW_MEMORY_TOKENS, THROUGHPUT_TOKENS, TrainingPlan,
                                  activation_bytes_per_token, fit_token_budget, plan_training)
 
 
@@ -17,11 +17,26 @@ def _plan(cuda, **overrides):
     return plan_training(_train(**overrides), cuda, liger_available=True, varlen_available=True)
 
 
-def test_auto_on_cpu_is_the_cpu_profile_with_every_gpu_switch_off():
+def test_auto_on_cpu_is_the_cpu_profile_packed_mixed_bf16_and_unquantised():
     plan = _plan(False)
-    assert plan.profile == "cpu" and plan.device == "cpu" and plan.compute_dtype == "fp32"
-    assert not plan.packing and not plan.liger and not plan.gradient_checkpointing
-    assert plan.attention is None and plan.tokens_per_batch is None
+    assert plan.profile == "cpu" and plan.device == "cpu"
+    # No nf4 on CPU by default (no fast 4-bit kernel there), bf16 products of the frozen weights.
+    assert not plan.quantize and plan.compute_dtype == "bf16"
+    assert plan.packing and plan.tokens_per_batch == CPU_TOKENS and plan.per_device_batch_size == 1
+    assert plan.attention == PACKED_ATTENTION  # one causal SDPA call per example of the row
+    assert not plan.liger and not plan.gradient_checkpointing
+
+
+def test_nf4_on_cpu_stays_available_and_computes_in_fp32():
+    plan = _plan(False, quantization="nf4")
+    assert plan.quantize and plan.compute_dtype == "fp32"
+    assert _plan(False, quantization="nf4", compute_dtype="bf16").compute_dtype == "bf16"  # explicit wins
+    assert _plan(False, quantization="none", compute_dtype="fp32").compute_dtype == "fp32"
+
+
+def test_cpu_packing_off_is_plain_padded_batches():
+    plan = _plan(False, packing=False)
+    assert not plan.packing and plan.tokens_per_batch is None and plan.attention is None
     assert plan.per_device_batch_size == TrainParams().batch_size
 
 
@@ -29,12 +44,12 @@ def test_auto_on_cpu_is_the_cpu_profile_with_every_gpu_switch_off():
 def test_gpu_profiles_turn_themselves_off_without_cuda(profile):
     plan = _plan(False, profile=profile)
     assert not plan.packing and not plan.liger and plan.attention is None and plan.tokens_per_batch is None
-    assert plan.compute_dtype == "fp32"
+    assert plan.compute_dtype == "bf16" and not plan.quantize
 
 
 def test_auto_on_cuda_is_the_throughput_profile():
     plan = _plan(True)
-    assert plan.profile == "throughput" and plan.compute_dtype == "bf16"
+    assert plan.profile == "throughput" and plan.compute_dtype == "bf16" and plan.quantize
     assert plan.packing and plan.liger and not plan.gradient_checkpointing
     assert plan.tokens_per_batch == THROUGHPUT_TOKENS and plan.per_device_batch_size == 1
     assert plan.attention == PACKED_ATTENTION

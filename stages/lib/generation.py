@@ -13,13 +13,15 @@ def load_for_inference(params, adapter_dir: Path | None = None):
     adapter when given: base and tuned differ by the adapter only, so the comparison is fair."""
     import torch
 
-    from stages.lib.modeling import load_model, load_tokenizer, pick_compute_dtype, resolve_base_model
+    from stages.lib.modeling import (load_model, load_tokenizer, pick_compute_dtype, resolve_base_model,
+                                     resolve_precision)
 
     cuda = torch.cuda.is_available()
     resolved = resolve_base_model(params.model)
     tokenizer = load_tokenizer(resolved)
-    dtype = pick_compute_dtype(params.train.compute_dtype, cuda)
-    model = load_model(resolved, quantize=params.train.quantization == "nf4", compute_dtype=dtype,
+    quantize, dtype_name = resolve_precision(params.train.quantization, params.train.compute_dtype, cuda)
+    dtype = pick_compute_dtype(dtype_name, cuda, quantize)
+    model = load_model(resolved, quantize=quantize, compute_dtype=dtype,
                        device_map={"": 0} if cuda else None)
     if adapter_dir is not None:
         from peft import PeftModel

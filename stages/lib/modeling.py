@@ -114,14 +114,33 @@ def resolve_base_model(model_params, root: Path = MATERIALIZED_ROOT) -> Resolved
                          model_params.chat_template)
 
 
-def pick_compute_dtype(requested: str, cuda: bool):
-    """bf16 on CUDA; fp32 on CPU, where nf4 + bf16 compute diverged (docs/design.md#cpu-compute-in-fp32)."""
+def resolve_precision(quantization: str, compute_dtype: str, cuda: bool) -> tuple[bool, str]:
+    """(quantise to nf4?, compute dtype name) for `train.quantization` and `train.compute_dtype`.
+
+    On CUDA, auto means nf4 (QLoRA) with bf16 compute (fp16 where bf16 is missing is decided by
+    the caller). On CPU, auto means no quantisation and the mixed bf16 scheme of
+    stages/lib/precision.py: bitsandbytes has no fast CPU 4-bit kernel (it dequantises every
+    weight for every product), and QLoRA's point, fitting a large model's weights in GPU memory,
+    does not arise for the small models a CPU can train (bench/NOTES.md, CPU section). nf4 on CPU
+    stays available (`train.quantization: nf4`), with fp32 compute: nf4 with bf16 compute
+    diverged (docs/design.md#cpu-compute-in-fp32).
+    """
+    quantize = quantization == "nf4" or (quantization == "auto" and cuda)
+    if compute_dtype != "auto":
+        return quantize, compute_dtype
+    if cuda:
+        return quantize, "bf16"
+    return quantize, "fp32" if quantize else "bf16"
+
+
+def pick_compute_dtype(requested: str, cuda: bool, quantize: bool = True):
+    """The torch dtype for a compute dtype name; "auto" as `resolve_precision` decides it."""
     import torch
 
     if requested == "auto":
         if cuda:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        return torch.float32 if quantize else torch.bfloat16
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[requested]
 
 
@@ -154,7 +173,12 @@ def load_tokenizer(resolved: ResolvedModel):
 def load_model(resolved: ResolvedModel, *, quantize: bool, compute_dtype, device_map=None, quant_storage=None):
     """Load the base model, nf4 + double quantisation when `quantize` (bitsandbytes, CPU or CUDA).
     `quant_storage`: the dtype the packed 4-bit weights are stored in (FSDP-QLoRA needs the compute
-    dtype there; default uint8)."""
+    dtype there; default uint8).
+
+    bf16 without quantisation on CPU (`device_map` None) loads fp32 and stores only the decoder's
+    frozen linear weights in bf16, with bf16 products and fp32 everything else
+    (stages/lib/precision.py): a whole-bf16 model on CPU is the combination that diverged."""
+    import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs = resolved.from_pretrained_kwargs()
@@ -163,9 +187,16 @@ def load_model(resolved: ResolvedModel, *, quantize: bool, compute_dtype, device
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
             **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}))
+    cpu_mixed = not quantize and device_map is None and compute_dtype == torch.bfloat16
     try:
-        return AutoModelForCausalLM.from_pretrained(resolved.path, dtype=compute_dtype,
-                                                    device_map=device_map, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            resolved.path, dtype=torch.float32 if cpu_mixed else compute_dtype,
+            device_map=device_map, **kwargs)
     except OSError as exc:
         hint = "" if os.environ.get("HF_TOKEN") else " (for a gated model set HF_TOKEN in the environment)"
         raise ModelError(f"cannot load {resolved.label}: {exc}{hint}") from None
+    if cpu_mixed:
+        from stages.lib.precision import store_frozen_linears_in_bf16
+
+        store_frozen_linears_in_bf16(model)
+    return model

@@ -1,8 +1,8 @@
 """Packed attention: padding-free rows of several whole examples, each attending only to itself.
 
-Registered with transformers' AttentionInterface under PACKED_ATTENTION by the training plan on
-CUDA (varlen flash attention); without the kernel the same row gets an explicit block-diagonal
-causal mask. See docs/design.md ("Packing") for why a per-example mask is not left to chance.
+Registered with transformers' AttentionInterface under PACKED_ATTENTION by the training plan:
+on CUDA varlen flash attention, on CPU one causal SDPA call per example of the row. See
+docs/design.md ("Packed rows") for why a per-example mask is not left to chance.
 """
 from __future__ import annotations
 
@@ -57,8 +57,8 @@ def packed_varlen_attention(module, query, key, value, attention_mask, dropout=0
     """Attention for transformers' AttentionInterface. A padding-free packed row (batch 1, no
     attention mask, examples delimited by the `cu_seq_lens_q` that TRL's collator computes or by
     restarting `position_ids`) goes to varlen flash attention: each example attends only to its
-    own earlier tokens, and no T x T mask is built. Without the CUDA kernel the same row gets an
-    explicit block-diagonal causal mask; any other batch goes to SDPA unchanged."""
+    own earlier tokens, and no T x T mask is built. Without the CUDA kernel (on CPU) each example
+    of the row goes through causal SDPA on its own; any other batch goes to SDPA unchanged."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -73,13 +73,14 @@ def packed_varlen_attention(module, query, key, value, attention_mask, dropout=0
     cu = cu.to(device=query.device, dtype=torch.int32)
     kernel, kernel_kwargs = _varlen_kernel()
     if kernel is None or not query.is_cuda:
-        length = query.shape[2]
-        example = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=query.device), cu.diff().long())
-        causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
-        mask = (causal & (example[:, None] == example[None, :]))[None, None]
+        # One causal SDPA call per example: the attention each example needs and no more (a
+        # block-diagonal T x T mask would compute, then discard, every cross-example score).
         kwargs = {k: v for k, v in kwargs.items() if k != "is_causal"}
-        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
-                                      is_causal=False, **kwargs)
+        bounds = cu.tolist()
+        pieces = [sdpa_attention_forward(module, query[:, :, lo:hi], key[:, :, lo:hi], value[:, :, lo:hi],
+                                         None, dropout=dropout, scaling=scaling, is_causal=True, **kwargs)[0]
+                  for lo, hi in zip(bounds[:-1], bounds[1:])]
+        return torch.cat(pieces, dim=1), None  # [1, T, heads, head_dim]
     # [1, heads, T, head_dim] -> [T, heads, head_dim]
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     q, k, v = (t if t.is_contiguous() else t.contiguous() for t in (q, k, v))

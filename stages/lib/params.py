@@ -157,14 +157,17 @@ class TrainParams(_Section):
     batch_size: int = Field(default=8, gt=0, le=65536)
     grad_accum: int = Field(default=1, gt=0, le=65536)
     max_length: int = Field(default=384, gt=8, le=1 << 20)
-    quantization: Literal["nf4", "none"] = "nf4"
-    # auto: bf16 on CUDA, fp32 on CPU (bf16 compute on CPU diverges: docs/design.md#cpu-compute-in-fp32).
+    # auto: nf4 (QLoRA) on CUDA; none on CPU, where bitsandbytes has no fast 4-bit kernel
+    # (stages/lib/modeling.py: resolve_precision).
+    quantization: Literal["auto", "nf4", "none"] = "auto"
+    # auto: bf16 on CUDA; on CPU bf16 products of the frozen weights with fp32 LoRA weights, norms
+    # and loss (stages/lib/precision.py), or fp32 with nf4 (docs/design.md#cpu-compute-in-fp32).
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    # auto: the throughput profile on CUDA, plain batches on CPU.
+    # auto: the throughput profile on CUDA, the cpu profile (packed rows, mixed bf16) on CPU.
     profile: Literal["auto", "throughput", "low_memory", "cpu"] = "auto"
     packing: Optional[bool] = None
-    # Packed tokens per micro-batch on CUDA (one padding-free row, per-example attention).
-    # null: the profile's default (bench/NOTES.md), lowered to what fits in free GPU memory.
+    # Packed tokens per micro-batch (one padding-free row, per-example attention).
+    # null: the profile's default (bench/NOTES.md), on CUDA lowered to what fits in free GPU memory.
     tokens_per_batch: Optional[int] = Field(default=None, gt=0, le=1 << 26)
     gradient_checkpointing: Optional[bool] = None
     # LoRA of the nf4 layers through the fused path (stages/lib/fused_lora.py); null: on for the

@@ -66,6 +66,9 @@ def no_supervision_message(stats: dict, max_length: int) -> str:
 # `fit_token_budget` to what the card's free memory holds.
 THROUGHPUT_TOKENS = 16384
 LOW_MEMORY_TOKENS = 6144
+# Packed tokens per micro-batch on CPU: about as many examples per step as the padded batches of 8
+# it replaced (the sample's examples average ~140 tokens), enough rows for efficient bf16 products.
+CPU_TOKENS = 1024
 
 
 @dataclass(frozen=True)
@@ -95,25 +98,31 @@ def plan_training(train, cuda: bool, bf16_supported: bool = True, liger_availabl
     throughput (the CUDA default): packed padding-free micro-batches of `tokens_per_batch` tokens
     with per-example attention (varlen flash attention, no cross-example attention), no gradient
     checkpointing, Liger kernels. low_memory: the same with gradient checkpointing and a smaller
-    token budget, for 16-24 GB cards. cpu: plain padded batches of `batch_size` examples; the
-    GPU-only switches turn themselves off without CUDA.
+    token budget, for 16-24 GB cards. cpu (the CPU default): packed padding-free rows of
+    CPU_TOKENS tokens with per-example attention, no quantisation, the frozen base's products in
+    bf16 with fp32 LoRA weights, norms and loss (stages/lib/precision.py). The GPU-only switches
+    turn themselves off without CUDA; the GPU profiles on CPU, and the cpu profile on CUDA, keep
+    plain padded batches.
     """
+    from stages.lib.modeling import resolve_precision
+
     profile = train.profile
     if profile == "auto":
         profile = "throughput" if cuda else "cpu"
-    if train.compute_dtype != "auto":
-        dtype = train.compute_dtype
-    elif cuda:
-        dtype = "bf16" if bf16_supported else "fp16"
-    else:
-        dtype = "fp32"  # nf4 with bf16 compute on CPU diverged (docs/design.md#cpu-compute-in-fp32)
+    quantize, dtype = resolve_precision(train.quantization, train.compute_dtype, cuda)
+    if cuda and train.compute_dtype == "auto" and not bf16_supported:
+        dtype = "fp16"
     on_gpu_profile = cuda and profile in ("throughput", "low_memory")
-    packing = bool(train.packing if train.packing is not None else on_gpu_profile)
+    cpu_packed = not cuda and profile == "cpu"
+    packing = bool(train.packing if train.packing is not None else (on_gpu_profile or cpu_packed))
     checkpointing = (train.gradient_checkpointing if train.gradient_checkpointing is not None
                      else profile == "low_memory")
     batch_size, tokens = train.batch_size, train.tokens_per_batch
-    if packing and on_gpu_profile and tokens is None:
-        tokens = LOW_MEMORY_TOKENS if profile == "low_memory" else THROUGHPUT_TOKENS
+    if packing and tokens is None:
+        if on_gpu_profile:
+            tokens = LOW_MEMORY_TOKENS if profile == "low_memory" else THROUGHPUT_TOKENS
+        elif cpu_packed:
+            tokens = CPU_TOKENS
     if packing and tokens is not None:
         tokens = max(tokens, train.max_length)  # a whole example always fits in a micro-batch
         batch_size = 1                          # one packed row per micro-batch
@@ -121,17 +130,20 @@ def plan_training(train, cuda: bool, bf16_supported: bool = True, liger_availabl
         tokens = None
     # The fused LoRA path: same function, fewer passes over activations (bench/NOTES.md); on by
     # default where throughput is the point (CUDA profiles, nf4), off on CPU (plain peft).
-    quantize = train.quantization == "nf4"
     fused = train.fused_lora if train.fused_lora is not None else on_gpu_profile
     if train.distributed == "fsdp":
         fused = False  # FSDP flattens the 4-bit weights; bitsandbytes' own forward knows how to read them
+    # Packed rows need per-example attention: varlen flash attention on CUDA, one SDPA call per
+    # example on CPU (stages/lib/packing.py); on CUDA without the varlen kernel, transformers' SDPA
+    # with the block-diagonal mask it builds from the restarting position ids.
+    packed_attention = tokens is not None and (varlen_available if cuda else True)
     return TrainingPlan(
-        device="cuda" if cuda else "cpu", compute_dtype=dtype, quantize=train.quantization == "nf4",
+        device="cuda" if cuda else "cpu", compute_dtype=dtype, quantize=quantize,
         packing=packing, gradient_checkpointing=bool(checkpointing),
         liger=bool(cuda and liger_available and profile != "cpu"),
         per_device_batch_size=batch_size, grad_accum=train.grad_accum, profile=profile,
         tokens_per_batch=tokens,
-        attention=PACKED_ATTENTION if (packing and cuda and varlen_available) else None,
+        attention=PACKED_ATTENTION if packed_attention else None,
         fused_lora=bool(fused and quantize))
 
 
@@ -278,7 +290,8 @@ def build_trainer(plan: TrainingPlan, train, *, model, tokenizer, train_dataset,
         packing_strategy="bfd", padding_free=plan.packing,
         gradient_checkpointing=plan.gradient_checkpointing,
         use_liger_kernel=plan.liger,
-        bf16=plan.compute_dtype == "bf16", fp16=plan.compute_dtype == "fp16",
+        # On CPU no autocast: bf16 is confined to the frozen weights' products (precision.py).
+        bf16=cuda and plan.compute_dtype == "bf16", fp16=cuda and plan.compute_dtype == "fp16",
         use_cpu=not cuda,
         logging_steps=train.logging_steps, logging_first_step=True,
         save_strategy="steps", save_steps=train.save_steps, save_total_limit=train.save_total_limit,
@@ -289,19 +302,74 @@ def build_trainer(plan: TrainingPlan, train, *, model, tokenizer, train_dataset,
         report_to="none", dataloader_num_workers=0,
         ddp_find_unused_parameters=False if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=tokenizer, peft_config=lora, callbacks=list(callbacks))
+    trainer_class = SFTTrainer if cuda else _labelled_positions_trainer_class()
+    trainer = trainer_class(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                            processing_class=tokenizer, peft_config=lora, callbacks=list(callbacks))
     if plan.fused_lora:
         from stages.lib.fused_lora import fuse_lora
 
         fuse_lora(trainer.model)
-    if plan.compute_dtype == "fp32":
-        # TRL stores LoRA weights of a quantised model in bf16 (the QLoRA paper's GPU recipe); with
-        # fp32 compute on CPU keep them fp32, or small Adam updates round away.
+    if plan.compute_dtype == "fp32" or not cuda:
+        # TRL stores LoRA weights of a quantised model in bf16 (the QLoRA paper's GPU recipe), and
+        # PEFT gives new adapters the dtype of the layer they wrap (bf16 for the frozen bf16 layers
+        # on CPU); with fp32 compute, and always on CPU, keep them fp32: they are the master
+        # weights, and small Adam updates would round away in bf16.
         for parameter in trainer.model.parameters():
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()
     return trainer
+
+
+_LABELLED_TRAINER = None
+
+
+def _labelled_positions_trainer_class():
+    """SFTTrainer whose loss runs the LM head on the labelled positions only, in fp32 (for CPU).
+
+    TRL's fused LM head scores only the labelled positions on CUDA, but every position on CPU (its
+    tile shapes must not change between batches there), through per-tile elementwise torch ops that
+    it recomputes in the backward. With the loss on assistant tokens only, about two thirds of the
+    positions carry no label, and the head (49k x 576 for the default model) was half of a CPU step
+    (bench/NOTES.md, CPU section). Here the head is one fp32 product over the labelled positions and
+    the loss a plain fp32 cross-entropy; the logged entropy and token accuracy are computed from
+    the same logits, so the curves keep TRL's names and meaning.
+    """
+    global _LABELLED_TRAINER
+    if _LABELLED_TRAINER is not None:
+        return _LABELLED_TRAINER
+    import torch
+    from trl import SFTTrainer
+
+    class LabelledPositionsSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mode = "train" if self.model.training else "eval"
+            causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+            forward = {k: v for k, v in inputs.items() if k != "labels"}
+            forward["use_cache"] = False
+            hidden = causal_lm.base_model(**forward).last_hidden_state
+            targets = inputs["labels"][:, 1:]
+            labelled = targets != -100
+            head = causal_lm.get_output_embeddings()
+            logits = torch.nn.functional.linear(hidden[:, :-1][labelled].float(), head.weight.float(),
+                                                None if head.bias is None else head.bias.float())
+            total = torch.nn.functional.cross_entropy(logits, targets[labelled], reduction="sum")
+            count = labelled.sum()
+            loss = total / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
+            with torch.no_grad():
+                valid = max(int(count), 1)
+                log_probs = torch.log_softmax(logits, dim=-1)
+                entropy = -(log_probs.exp() * log_probs).sum() / valid
+                accuracy = (logits.argmax(-1) == targets[labelled]).sum() / valid
+            self._metrics[mode]["entropy"].append(float(entropy))
+            self._metrics[mode]["mean_token_accuracy"].append(float(accuracy))
+            if mode == "train":
+                mask = inputs.get("attention_mask")
+                self._total_train_tokens += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+    _LABELLED_TRAINER = LabelledPositionsSFTTrainer
+    return _LABELLED_TRAINER
 
 
 def resolve_plan(train, model=None) -> TrainingPlan:
@@ -343,7 +411,7 @@ def run_training(params, *, train_path: Path, validation_path: Path, adapter_dir
     train = params.train
     cuda = torch.cuda.is_available()
     plan = resolve_plan(train)
-    dtype = pick_compute_dtype(plan.compute_dtype, cuda)
+    dtype = pick_compute_dtype(plan.compute_dtype, cuda, plan.quantize)
     set_seed(train.seed)
 
     resolved = resolve_base_model(params.model)

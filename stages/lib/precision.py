@@ -1,0 +1,86 @@
+"""Mixed precision for CPU: the frozen base's matrix products in bf16, everything else in fp32.
+
+Why not plain `torch.autocast` or a bf16 model: on this stack, nf4 with bf16 *compute* on CPU
+(bf16 activations, norms, residual stream and LoRA weights) took the loss up instead of down.
+What must stay fp32 stays fp32 here:
+
+  - the LoRA weights (the trained "master" weights) and their optimizer state, so small Adam
+    updates are not rounded away, and their products (x @ A @ B, in fp32);
+  - the residual stream, RMSNorms, attention softmax, the LM head, the log-softmax and the loss;
+  - the accumulation inside every bf16 product: oneDNN multiplies bf16 and accumulates in fp32.
+
+Only the frozen base weights of the decoder's linear layers are stored in bf16 (half the memory
+of fp32, no per-step cast), and their inputs are rounded to bf16 on the way in and the products
+widened back to fp32 on the way out. CPUs with AVX-512 BF16 (or AMX) multiply bf16 matrices
+several times faster than fp32 ones (bench/NOTES.md has the figures of the reference machine).
+The weights are frozen, so the backward pass needs only grad_input = grad_output @ W, again a
+bf16 product, and nothing of the input is kept for it.
+"""
+from __future__ import annotations
+
+_FUNCTION = None  # the autograd.Function, built on first use (torch is a heavy import)
+
+
+def _frozen_bf16_matmul():
+    global _FUNCTION
+    if _FUNCTION is None:
+        import torch
+
+        class FrozenBF16Matmul(torch.autograd.Function):
+            """y = x @ W.T with W frozen in bf16; x and y in x's dtype (fp32)."""
+
+            @staticmethod
+            def forward(ctx, x, weight):
+                ctx.weight = weight  # frozen: nothing of x needs saving, W is the module's own
+                return torch.nn.functional.linear(x.to(weight.dtype), weight).to(x.dtype)
+
+            @staticmethod
+            def backward(ctx, grad_output):
+                grad_input = grad_output.to(ctx.weight.dtype).matmul(ctx.weight).to(grad_output.dtype)
+                return grad_input, None
+
+        _FUNCTION = FrozenBF16Matmul
+    return _FUNCTION
+
+
+def _linear_class():
+    import torch
+
+    class FrozenBF16Linear(torch.nn.Linear):
+        """An nn.Linear (so PEFT still finds and wraps it) whose frozen weight is stored in bf16 and
+        whose product runs in bf16 with fp32 input and output."""
+
+        def forward(self, x):
+            out = _frozen_bf16_matmul().apply(x, self.weight)
+            return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    return FrozenBF16Linear
+
+
+_LINEAR = None
+
+
+def store_frozen_linears_in_bf16(model) -> int:
+    """Convert the decoder's linear layers of `model` (fp32, frozen) to bf16 storage and bf16
+    products; the LM head (often tied to the input embeddings) and everything else keep fp32.
+    Returns how many layers were converted. Call it before PEFT wraps the model."""
+    global _LINEAR
+    import torch
+
+    if _LINEAR is None:
+        _LINEAR = _linear_class()
+    head = model.get_output_embeddings()
+    converted = 0
+    for module in model.modules():
+        if type(module) is not torch.nn.Linear or module is head:
+            continue
+        module.weight = torch.nn.Parameter(module.weight.detach().to(torch.bfloat16), requires_grad=False)
+        if module.bias is not None:
+            module.bias.requires_grad_(False)
+        module.__class__ = _LINEAR
+        converted += 1
+    return converted
+
+
+def uses_frozen_bf16(model) -> bool:
+    return any(type(m).__name__ == "FrozenBF16Linear" for m in model.modules())
