@@ -107,6 +107,9 @@ def report_tuned(params, tuned_scores: dict, rows: list[dict], probe_rows: list[
     base_scores = read_json(base_dir / "scores.json")
     base_rows = {r["id"]: r for r in read_jsonl(base_dir / "predictions.jsonl")}
     report = eval_report(base_scores, tuned_scores)
+    from stages.lib.stage import peak_rss_mib
+
+    report["peak_rss_mib"] = peak_rss_mib()  # this stage's (evaluate_base reports its own)
     write_json(REPORT, report)
     write_json(PLOT, eval_plot_rows(report))
     side_by_side = [{"id": r["id"], "prompt": r["prompt"], "reference": r["reference"],
@@ -153,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         metrics = summarise(scores)
         _save(args.model, scores, metrics, rows, probe_rows)
         if args.model == "base":
-            write_json(BASE_REPORT, metrics)
+            from stages.lib.stage import peak_rss_mib
+
+            write_json(BASE_REPORT, {**metrics, "peak_rss_mib": peak_rss_mib()})
             failures = []
         else:
             failures = report_tuned(params, scores, rows, probe_rows)

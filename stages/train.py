@@ -54,6 +54,9 @@ def main() -> int:
         print(f"train: {exc}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", "0")) == 0:
+        from stages.lib.stage import peak_rss_mib
+
+        report["peak_rss_mib"] = peak_rss_mib()
         write_json(REPORT, report)
         print(f"train: {report['steps']} steps, loss {report['first_loss']} -> {report['final_loss']}, "
               f"{report['tokens_per_s']} tokens/s, adapter in {ADAPTER}/", file=sys.stderr)

@@ -51,10 +51,40 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}"
 
 
+def peak_rss_mib() -> float:
+    """The peak resident memory of this process so far, in MiB (what the heavy stages report)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)  # bytes on macOS, KiB on Linux
+
+
+def return_freed_memory_promptly() -> bool:
+    """Ask glibc to serve blocks of 128 KiB and more with mmap and to give freed memory back.
+
+    By default glibc raises its mmap threshold up to 32 MiB as large blocks are freed, after which
+    tensors of a few MiB come from the heap, where freed ones stay resident and fragment: training
+    the default model on CPU kept about 1 GB more resident per step that way (bench/NOTES.md, CPU
+    section). A no-op where glibc is not the allocator."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 128 * 1024)) and bool(mallopt(m_trim_threshold, 128 * 1024))
+
+
 def run_stage(name: str, main: Callable[..., int | None], argv: list[str] | None = None) -> int:
     """Run `main(argv)` (or `main()` when argv is None) and turn its outcome into an exit status.
 
     `--debug` is taken out of argv before `main` sees it."""
+    return_freed_memory_promptly()
     debug = debug_requested(argv)
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:

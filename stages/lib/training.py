@@ -66,9 +66,10 @@ def no_supervision_message(stats: dict, max_length: int) -> str:
 # `fit_token_budget` to what the card's free memory holds.
 THROUGHPUT_TOKENS = 16384
 LOW_MEMORY_TOKENS = 6144
-# Packed tokens per micro-batch on CPU: about as many examples per step as the padded batches of 8
-# it replaced (the sample's examples average ~140 tokens), enough rows for efficient bf16 products.
-CPU_TOKENS = 1024
+# Packed tokens per micro-batch on CPU: enough rows for efficient bf16 products (3-4 of the sample's
+# ~140-token examples), few enough that the saved activations (about 1.5 MB per token for the
+# default model without LoRA dropout) keep the stage under 2 GB resident (bench/NOTES.md).
+CPU_TOKENS = 512
 
 
 @dataclass(frozen=True)
