@@ -126,3 +126,8 @@ def test_adapter_from_a_wrapped_or_sharded_model_is_the_one_gpu_file(tmp_path, p
         assert written[key].dtype == tensor.dtype and torch.equal(written[key], tensor), key
     config = json.loads((tmp_path / mode / "adapter_config.json").read_text())
     assert config == json.loads((tmp_path / "one_gpu" / "adapter_config.json").read_text())
+    # accelerate's FSDP keeps trainable weights in fp32; the adapter goes out in the run's own dtype.
+    save_adapter(wrapped, tmp_path / f"{mode}-bf16", is_main=True, dtype=torch.bfloat16)
+    cast = _files(tmp_path / f"{mode}-bf16")
+    assert all(cast[k].dtype == torch.bfloat16 and torch.equal(cast[k], expected[k].to(torch.bfloat16))
+               for k in expected)
