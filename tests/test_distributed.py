@@ -131,3 +131,14 @@ def test_adapter_from_a_wrapped_or_sharded_model_is_the_one_gpu_file(tmp_path, p
     cast = _files(tmp_path / f"{mode}-bf16")
     assert all(cast[k].dtype == torch.bfloat16 and torch.equal(cast[k], expected[k].to(torch.bfloat16))
                for k in expected)
+
+
+def test_adapter_of_a_single_process_run_is_peft_s_own_file(tmp_path):
+    # The train stage saves through save_adapter on one GPU and on CPU too (no process group).
+    from stages.lib.distributed import save_adapter
+
+    model = _tiny_peft_model()
+    model.save_pretrained(tmp_path / "peft", safe_serialization=True)
+    save_adapter(model, tmp_path / "stage", is_main=True)
+    expected, written = _files(tmp_path / "peft"), _files(tmp_path / "stage")
+    assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in expected)
