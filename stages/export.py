@@ -40,9 +40,10 @@ def main() -> int:
     except (ExportError, ModelError, OutputError) as exc:
         print(f"export: {exc}", file=sys.stderr)
         return 1
-    from stages.lib.stage import peak_rss_mib
+    if report["enabled"]:  # a disabled export loads no model: its report stays {"enabled": false}
+        from stages.lib.stage import peak_rss_mib
 
-    report["peak_rss_mib"] = peak_rss_mib()
+        report["peak_rss_mib"] = peak_rss_mib()
     write_json(REPORT, report)
     if not report["enabled"]:
         print("export: disabled (export.enabled: false); wrote placeholder READMEs", file=sys.stderr)
