@@ -162,10 +162,12 @@ def reply(loaded: Loaded, messages: list[dict], *, max_new_tokens: int, temperat
     import torch
     from transformers import TextStreamer
 
+    from stages.lib.chat import prompt_ids
+
     tokenizer = loaded.tokenizer
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True)
-    inputs = {k: v.to(loaded.model.device) for k, v in inputs.items()}
+    # The prompt exactly as training preceded a reply with it (stages/lib/chat.py).
+    ids = torch.tensor([prompt_ids(tokenizer, messages)], device=loaded.model.device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     sampling = ({"do_sample": True, "temperature": temperature} if temperature > 0
                 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})

@@ -28,7 +28,7 @@ def main() -> int:
         print(exc, file=sys.stderr)
         return 1
 
-    from stages.lib.export import ExportError, run_export
+    from stages.lib.export import ExportError, GGUFCheckError, run_export
     from stages.lib.modeling import ModelError
     from stages.lib.records import prompt_messages
 
@@ -37,6 +37,10 @@ def main() -> int:
     try:
         report = run_export(params, adapter_dir=ADAPTER, merged_dir=MERGED, gguf_dir=GGUF_DIR,
                             checks=checks)
+    except GGUFCheckError as exc:
+        write_json(REPORT, exc.report)  # the figures that failed, for the reader
+        print(f"export: {exc} (figures in {REPORT})", file=sys.stderr)
+        return 1
     except (ExportError, ModelError, OutputError) as exc:
         print(f"export: {exc}", file=sys.stderr)
         return 1
@@ -54,8 +58,9 @@ def main() -> int:
                f"{merged['check']['greedy_tokens_equal']}")
     if report["gguf"]:
         gguf = report["gguf"]
-        summary += (f"; {gguf['file']} ({gguf['bytes'] / 1e6:.0f} MB), greedy tokens equal to merged: "
-                    f"{gguf['check']['greedy_tokens_equal']}")
+        runtime = gguf["check"].get("runtime", "transformers' GGUF loader")
+        summary += (f"; {gguf['file']} ({gguf['bytes'] / 1e6:.0f} MB), in {runtime} greedy tokens equal to "
+                    f"merged: {gguf['check']['greedy_tokens_equal']}")
     print(summary, file=sys.stderr)
     return 0
 

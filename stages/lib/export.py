@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from stages.lib.chat import end_of_turn_ids, stop_ids
+from stages.lib.chat import end_of_turn_ids, prompt_ids, stop_ids
 from stages.lib.io import atomic_dir, write_text
 
 # GGUF type name -> (GGMLQuantizationType name, LlamaFileType name) in the gguf package.
@@ -37,6 +37,14 @@ FP32_MAX_LOGIT_DIFF = 1e-3
 
 class ExportError(RuntimeError):
     """The model cannot be exported as asked; the message says why and what to do."""
+
+
+class GGUFCheckError(ExportError):
+    """The GGUF was written but llama.cpp does not reproduce the merged model; carries the report."""
+
+    def __init__(self, report: dict, message: str):
+        super().__init__(message)
+        self.report = report
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,26 +94,31 @@ not bit-identical with what `evaluate` measured (see reports/export.json).
 """
 
 
+def _prompt_tensor(tokenizer, messages):
+    """The prompt as training preceded a reply with it (stages/lib/chat.py), as a [1, T] tensor."""
+    import torch
+
+    return torch.tensor([prompt_ids(tokenizer, messages)])
+
+
 def _greedy(model, tokenizer, messages, *, max_new_tokens: int, stops: list[int]) -> list[int]:
     import torch
 
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True)
-    ids = {k: v.to(model.device) for k, v in ids.items()}
+    ids = _prompt_tensor(tokenizer, messages).to(model.device)
     with torch.inference_mode():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
                              top_p=None, top_k=None, eos_token_id=stops,
                              pad_token_id=tokenizer.pad_token_id)
-    return out[0, ids["input_ids"].shape[1]:].tolist()
+    return out[0, ids.shape[1]:].tolist()
 
 
 def _prompt_logits(model, tokenizer, messages):
     import torch
 
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True)
+    ids = _prompt_tensor(tokenizer, messages)
     with torch.inference_mode():
-        return model(input_ids=ids["input_ids"].to(model.device)).logits[0].float().cpu()
+        return model(input_ids=ids.to(model.device)).logits[0].float().cpu()
 
 
 def _prefix_agreement(a: list[int], b: list[int]) -> int:
@@ -228,8 +241,9 @@ def _check_llama(config) -> None:
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         problems.append("attention/MLP biases")
     if problems:
-        raise ExportError("GGUF export: unsupported " + "; ".join(problems) + ". Set export.gguf: null "
-                          "and convert models/merged with llama.cpp's convert_hf_to_gguf.py")
+        raise ExportError("GGUF export: the built-in writer does not support " + "; ".join(problems) +
+                          ". `make setup` installs llama.cpp's own converter, which export then uses "
+                          "for every architecture llama.cpp knows; or set export.gguf: null")
 
 
 def _vocab(tokenizer, vocab_size: int):
@@ -392,15 +406,41 @@ def modelfile_text(gguf_name: str, tokenizer) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _tensor_types(path: Path) -> dict:
+    """How many tensors of each GGML type the file holds."""
+    import gguf
+
+    counts: dict[str, int] = {}
+    for tensor in gguf.GGUFReader(str(path)).tensors:
+        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    return counts
+
+
 def export_gguf(merged_dir: Path, gguf_dir: Path, gguf_type: str, *, label: str) -> dict:
-    """Write gguf_dir/model-<type>.gguf and gguf_dir/Modelfile (atomically, as one folder)."""
+    """Write gguf_dir/model-<type>.gguf and gguf_dir/Modelfile (atomically, as one folder).
+
+    With llama.cpp's converter installed (`make setup` does: stages/lib/gguf_convert.py) it writes
+    the file, for any architecture it knows; without it, the built-in writer here handles
+    Llama-architecture models only."""
     from transformers import AutoTokenizer
+
+    from stages.lib import gguf_convert
 
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
     file_name = f"model-{gguf_type}.gguf"
+    converter = gguf_convert.find_converter()
     with atomic_dir(gguf_dir) as tmp:
-        info = write_gguf(merged_dir, tmp / file_name, gguf_type, tokenizer_pre=builtin_tokenizer_pre(label),
-                          name=f"{label}-merged")
+        if converter is not None:
+            try:
+                gguf_convert.convert(merged_dir, tmp / file_name, gguf_type, converter)
+            except RuntimeError as exc:
+                raise ExportError(f"GGUF export: {exc}") from None
+            info = {"type": gguf_type, "writer": f"llama.cpp convert_hf_to_gguf.py ({converter})",
+                    "tensor_types": _tensor_types(tmp / file_name)}
+        else:
+            info = write_gguf(merged_dir, tmp / file_name, gguf_type, tokenizer_pre=builtin_tokenizer_pre(label),
+                              name=f"{label}-merged")
+            info["writer"] = "built-in (Llama architecture only; llama.cpp's converter is not installed)"
         write_text(tmp / "Modelfile", modelfile_text(file_name, tokenizer))
     info["file"] = str(gguf_dir / file_name)
     return info
@@ -419,8 +459,7 @@ def compare_greedy(reference, other, tokenizer, conversation, *, max_new_tokens:
 
     want = _greedy(reference, tokenizer, conversation, max_new_tokens=max_new_tokens, stops=stops)
     got = _greedy(other, tokenizer, conversation, max_new_tokens=max_new_tokens, stops=stops)
-    prompt = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True)["input_ids"]
+    prompt = _prompt_tensor(tokenizer, conversation)
     ids = torch.cat([prompt, torch.tensor([want], dtype=prompt.dtype)], dim=1)
     with torch.inference_mode():
         a = reference(input_ids=ids.to(reference.device)).logits[0].float().cpu()
@@ -450,8 +489,7 @@ def check_gguf(merged_dir: Path, gguf_path: Path, checks: list[list[dict]], *, m
     for conversation in checks:
         row = compare_greedy(merged, from_gguf, tokenizer, conversation, max_new_tokens=max_new_tokens,
                              stops=stops)
-        ids = [t.apply_chat_template(conversation, add_generation_prompt=True, return_dict=True)["input_ids"]
-               for t in (tokenizer, gguf_tokenizer)]
+        ids = [prompt_ids(t, conversation) for t in (tokenizer, gguf_tokenizer)]
         row["tokenizer_equal"] = list(ids[0]) == list(ids[1])
         rows.append(row)
     return {"compared_with": "merged model (fp32); GGUF reloaded with transformers' GGUF loader",
@@ -459,6 +497,93 @@ def check_gguf(merged_dir: Path, gguf_path: Path, checks: list[list[dict]], *, m
             "tokenizer_equal": all(r["tokenizer_equal"] for r in rows),
             "teacher_forced_agreement": min((r["teacher_forced_agreement"] for r in rows), default=1.0),
             "max_abs_logit_diff": max((r["max_abs_logit_diff"] for r in rows), default=0.0), "rows": rows}
+
+
+# The llama.cpp check: what each GGUF type must reproduce of the merged model (fp32, transformers).
+# f32 and f16 GGUFs: the same greedy tokens. bf16 and q8_0 round weights to 8 significant bits or
+# so, which flips near-ties, after which free-running text diverges for good: they must agree on
+# at least this share of next tokens along the merged model's own answer (teacher forced).
+EXACT_GGUF_TYPES = ("f32", "f16")
+MIN_TEACHER_FORCED_AGREEMENT = 0.9
+
+
+def llama_cpp_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llama-cpp-python")
+    except PackageNotFoundError:
+        return None
+
+
+def check_gguf_llama_cpp(merged_dir: Path, gguf_path: Path, checks: list[list[dict]], *,
+                         max_new_tokens: int, gguf_type: str) -> dict:
+    """Load the GGUF in llama.cpp's own runtime (llama-cpp-python) and compare it with the merged
+    model in transformers on each check prompt: llama.cpp's tokens for the prompt text (the
+    GGUF's tokenizer) against transformers', greedy tokens, teacher-forced top-1 along the merged
+    model's answer, and the logits over prompt + answer."""
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.lib.chat import render_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
+    stops = stop_ids(merged, tokenizer)
+    prompts = [prompt_ids(tokenizer, c) for c in checks]
+    context = max(len(p) for p in prompts) + max_new_tokens + 8
+    llm = Llama(model_path=str(gguf_path), n_ctx=context, n_batch=context, n_threads=2, seed=0,
+                logits_all=True, verbose=False)
+    rows = []
+    for conversation, ids in zip(checks, prompts):
+        text = render_prompt(tokenizer, conversation)
+        cpp_ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        want = _greedy(merged, tokenizer, conversation, max_new_tokens=max_new_tokens, stops=stops)
+        # Greedy in llama.cpp, one token at a time from the same prompt ids.
+        llm.reset()
+        llm.eval(ids)
+        got = []
+        while len(got) < max_new_tokens:
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            got.append(token)
+            if token in stops:
+                break
+            llm.eval([token])
+        # Teacher forced: llama.cpp's logits over prompt + the merged model's answer.
+        llm.reset()
+        llm.eval(ids + want)
+        cpp_logits = np.asarray(llm.scores[: llm.n_tokens], dtype=np.float32)
+        with torch.inference_mode():
+            hf_logits = merged(input_ids=torch.tensor([ids + want])).logits[0].float().numpy()
+        n = len(ids)
+        forced = cpp_logits[n - 1:-1].argmax(-1).tolist() if want else []
+        agree = sum(x == y for x, y in zip(forced, want))
+        rows.append({"tokenizer_equal": list(cpp_ids) == list(ids), "tokens_equal": got == want,
+                     "tokens": got,
+                     "agreeing_prefix": _prefix_agreement(got, want), "n_tokens": len(want),
+                     "teacher_forced_agreement": agree / len(want) if want else 1.0,
+                     "max_abs_logit_diff": float(np.abs(cpp_logits - hf_logits).max()),
+                     "answer": tokenizer.decode(got, skip_special_tokens=True).strip()})
+    embedded_template = llm.metadata.get("tokenizer.chat_template")
+    del llm
+    report = {"runtime": f"llama.cpp (llama-cpp-python {llama_cpp_version()})",
+              "chat_template_equal": embedded_template == tokenizer.chat_template,
+              "compared_with": "merged model in transformers (fp32), greedy, same prompt ids",
+              "greedy_tokens_equal": all(r["tokens_equal"] for r in rows),
+              "tokenizer_equal": all(r["tokenizer_equal"] for r in rows),
+              "teacher_forced_agreement": min((r["teacher_forced_agreement"] for r in rows), default=1.0),
+              "max_abs_logit_diff": max((r["max_abs_logit_diff"] for r in rows), default=0.0), "rows": rows}
+    if gguf_type in EXACT_GGUF_TYPES:
+        report["requirement"] = f"{gguf_type}: tokenizer, chat template and greedy tokens equal"
+        report["ok"] = report["tokenizer_equal"] and report["greedy_tokens_equal"] and report["chat_template_equal"]
+    else:
+        report["requirement"] = (f"{gguf_type}: tokenizer and chat template equal, teacher-forced agreement >= "
+                                 f"{MIN_TEACHER_FORCED_AGREEMENT}")
+        report["ok"] = (report["tokenizer_equal"] and report["chat_template_equal"]
+                        and report["teacher_forced_agreement"] >= MIN_TEACHER_FORCED_AGREEMENT)
+    return report
 
 
 # --------------------------------------------------------------------------------------------
@@ -518,7 +643,19 @@ def run_export(params, *, adapter_dir: Path, merged_dir: Path, gguf_dir: Path,
     print(f"export: writing {gguf_dir}/model-{settings.gguf}.gguf", file=sys.stderr)
     info = export_gguf(merged_dir, gguf_dir, settings.gguf, label=resolved.label)
     info["bytes"] = _size(Path(info["file"]))
-    info["check"] = check_gguf(merged_dir, Path(info["file"]), checks,
-                               max_new_tokens=settings.check_max_new_tokens)
+    if llama_cpp_version() is not None:
+        info["check"] = check_gguf_llama_cpp(merged_dir, Path(info["file"]), checks, gguf_type=settings.gguf,
+                                             max_new_tokens=settings.check_max_new_tokens)
+    else:  # without llama.cpp's runtime: transformers' GGUF loader (Llama architecture only)
+        info["check"] = check_gguf(merged_dir, Path(info["file"]), checks,
+                                   max_new_tokens=settings.check_max_new_tokens)
     report["gguf"] = info
+    check = info["check"]
+    if check.get("ok") is False:
+        # The report is still written (the stage script writes it on this error too) so the
+        # figures can be read.
+        raise GGUFCheckError(report, f"the GGUF does not reproduce the merged model in llama.cpp "
+                             f"({check['requirement']}): tokenizer equal {check['tokenizer_equal']}, greedy "
+                             f"tokens equal {check['greedy_tokens_equal']}, teacher-forced agreement "
+                             f"{check['teacher_forced_agreement']:.2f}")
     return report

@@ -170,6 +170,18 @@ def load_tokenizer(resolved: ResolvedModel):
     return tokenizer
 
 
+def attention_logit_softcapping(resolved: ResolvedModel) -> float | None:
+    from transformers import AutoConfig
+
+    kwargs = resolved.from_pretrained_kwargs()
+    kwargs.pop("use_safetensors")
+    try:
+        config = AutoConfig.from_pretrained(resolved.path, **kwargs)
+    except (OSError, ValueError):
+        return None  # from_pretrained below reports what is wrong
+    return getattr(config, "attn_logit_softcapping", None)
+
+
 def load_model(resolved: ResolvedModel, *, quantize: bool, compute_dtype, device_map=None, quant_storage=None):
     """Load the base model, nf4 + double quantisation when `quantize` (bitsandbytes, CPU or CUDA).
     `quant_storage`: the dtype the packed 4-bit weights are stored in (FSDP-QLoRA needs the compute
@@ -182,6 +194,10 @@ def load_model(resolved: ResolvedModel, *, quantize: bool, compute_dtype, device
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs = resolved.from_pretrained_kwargs()
+    if attention_logit_softcapping(resolved):
+        # Gemma 2 caps its attention logits, and only the eager kernel applies the cap: with SDPA
+        # the model trained and evaluated would not be the one llama.cpp runs.
+        kwargs["attn_implementation"] = "eager"
     if quantize:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
