@@ -5,7 +5,8 @@ llama-cpp-python (PyPI), which vendors llama.cpp whole, into <venv>/share/llama.
 a subprocess (`python -m stages.lib.gguf_convert ...`) so that its gguf-py, newer than the PyPI
 `gguf` release this project imports, never meets it in one interpreter.
 
-Two adjustments, made in that subprocess only:
+Three adjustments, made in that subprocess only (the third: Phi-3's class reads a GPT-2 BPE
+vocabulary when tokenizer.json is there and tokenizer.model is not, see _patch_gemma2_vocab):
 - llama.cpp's Gemma 2 class reads the vocabulary from a SentencePiece tokenizer.model and nothing
   else; without one it falls back to the tokenizer.json (byte-level BPE) vocabulary, as llama.cpp's
   own Gemma 3 class does.
@@ -62,6 +63,19 @@ def _patch_gemma2_vocab() -> None:
         self._set_vocab_gpt2()
 
     gemma.Gemma2Model.set_vocab = set_vocab
+
+    # Phi-3's class reads GPT-2 BPE only when tokenizer_config.json names GPT2Tokenizer (Phi-4),
+    # which transformers 5 does not write back when it re-saves the tokenizer (models/merged).
+    from conversion import phi
+
+    original_phi3 = phi.Phi3MiniModel.set_vocab
+
+    def set_vocab_phi3(self):
+        if (self.dir_model / "tokenizer.model").is_file() or not (self.dir_model / "tokenizer.json").is_file():
+            return original_phi3(self)
+        self._set_vocab_gpt2()
+
+    phi.Phi3MiniModel.set_vocab = set_vocab_phi3
 
 
 # transformers tokenizer classes whose pre-tokenizer is fixed by the class -> llama.cpp's name for it.
