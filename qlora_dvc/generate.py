@@ -151,10 +151,26 @@ class _AdapterOff:
     def __init__(self, peft_model):
         self.peft_model = peft_model
         self.device = peft_model.device
+        self.config = peft_model.config
 
     def generate(self, **kwargs):
         with self.peft_model.disable_adapter():
             return self.peft_model.generate(**kwargs)
+
+
+def fit_new_tokens(prompt_tokens: int, max_new_tokens: int, context: int | None) -> int:
+    """Prompt + answer within the model's positions: a prompt that leaves no room is refused; a
+    --max-new-tokens that does not fit next to the prompt is lowered, with a note."""
+    if context is None:
+        return max_new_tokens
+    if prompt_tokens >= context:
+        raise GenerateError(f"the prompt is {prompt_tokens:,} tokens and the model reads {context} positions in "
+                            "all (prompt + answer): shorten it (in a chat, /reset drops the history)")
+    if prompt_tokens + max_new_tokens > context:
+        print(f"[--max-new-tokens lowered to {context - prompt_tokens}: the model reads {context} positions and "
+              f"the prompt takes {prompt_tokens}]", file=sys.stderr)
+        return context - prompt_tokens
+    return max_new_tokens
 
 
 def reply(loaded: Loaded, messages: list[dict], *, max_new_tokens: int, temperature: float) -> str:
@@ -163,10 +179,12 @@ def reply(loaded: Loaded, messages: list[dict], *, max_new_tokens: int, temperat
     from transformers import TextStreamer
 
     from stages.lib.chat import prompt_ids
+    from stages.lib.limits import context_length
 
     tokenizer = loaded.tokenizer
     # The prompt exactly as training preceded a reply with it (stages/lib/chat.py).
     ids = torch.tensor([prompt_ids(tokenizer, messages)], device=loaded.model.device)
+    max_new_tokens = fit_new_tokens(ids.shape[1], max_new_tokens, context_length(loaded.model))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     sampling = ({"do_sample": True, "temperature": temperature} if temperature > 0
@@ -278,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         if len(models) == 1:
             print(f"[{models[0].label}]", file=sys.stderr)
         _answer_all(models, {m.label: [] for m in models}, args.system, prompt, args)
+    except GenerateError as exc:
+        print(f"generate: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

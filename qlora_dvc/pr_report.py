@@ -96,6 +96,32 @@ def _report_at(sha: str, path: Path, git_root: Path) -> dict | None:
     return report if isinstance(report, dict) else None
 
 
+def layout_problem(report) -> str | None:
+    """What is wrong with the shape of an eval.json (None when it has the evaluate stage's layout:
+    {"base": {...}, "tuned": {...}, "delta": {...}, "n": {...}}, blocks optional)."""
+    if not isinstance(report, dict):
+        return f"the top level is a JSON {type(report).__name__}, not an object"
+    for key in ("base", "tuned", "delta", "n"):
+        if key in report and not isinstance(report[key], dict):
+            return f"{key!r} is a JSON {type(report[key]).__name__}, not an object"
+    if not any(key in report for key in ("base", "tuned")):
+        return "it has neither a 'base' nor a 'tuned' block"
+    return None
+
+
+def stale_stages(dvc: str, root: Path) -> list[str] | None:
+    """Stages `dvc status` reports as changed (their metrics are older than their inputs); None
+    when dvc status itself fails."""
+    done = _run([dvc, "status", "--json"], cwd=root)
+    if done.returncode != 0:
+        return None
+    try:
+        status = json.loads(done.stdout or "{}")
+    except ValueError:
+        return None
+    return sorted(name.split(":")[-1] for name in status) if isinstance(status, dict) else None
+
+
 def _gates_section(report: dict, root: Path) -> str | None:
     import yaml
 
@@ -184,11 +210,18 @@ def build_summary(base: str, out: Path, *, metrics_file: str = "reports/eval.jso
         report = json.loads(metrics_path.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise ReportError(f"{metrics_file} is not valid JSON ({exc}); re-run `dvc repro`") from None
+    problem = layout_problem(report)
+    if problem:
+        raise ReportError(f"{metrics_file} is not an evaluate report ({problem}); re-run `dvc repro evaluate` "
+                          "(or pass --metrics-file)")
     base_report = _report_at(sha, metrics_path, git_root)
+    if base_report is not None and layout_problem(base_report):
+        base_report = None  # a broken report at the base revision: nothing to compare with
 
     from qlora_dvc import pr_sections
 
     dvc = dvc_executable()
+    stale = stale_stages(dvc, root)
     metrics_md = _table_or_none(_dvc(dvc, ["metrics", "diff", base, "--md"], root))
     params_md = _table_or_none(_dvc(dvc, ["params", "diff", base, "--md"], root))
     changed_params = pr_sections.params_changed(_dvc(dvc, ["params", "diff", base, "--json"], root))
@@ -199,6 +232,14 @@ def build_summary(base: str, out: Path, *, metrics_file: str = "reports/eval.jso
     parts = ["## Fine-tuning report", ""]
     if note:
         parts += [f"> {note}", ""]
+    if stale:
+        warning = (f"The workspace is not up to date: `dvc status` lists {', '.join(f'`{n}`' for n in stale)} "
+                   "as changed, so the metrics below may predate the params, data or code they are shown "
+                   "with. Run `dvc repro` (and commit dvc.lock and reports/) before trusting them.")
+        print(f"pr-report: warning: {warning}", file=sys.stderr)
+        parts += [f"> **Warning:** {warning}", ""]
+    elif stale is None:
+        parts += ["> **Warning:** `dvc status` failed, so whether the metrics are up to date is unknown.", ""]
     parts += [f"Workspace (`{head}`{' + uncommitted changes' if dirty else ''}) compared with "
               f"`{base}` (`{sha[:7]}`).", ""]
     parts += ["### What changed", "", pr_sections.what_changed(root, sha, changed_params, data_summary), ""]

@@ -31,12 +31,75 @@ class EvalError(RuntimeError):
     pass
 
 
-def _load_probes(folder: Path) -> tuple[list[dict], str]:
-    questions = folder / "general.jsonl"
+def _load_probes(setting: str) -> tuple[list[dict], str]:
+    """The probe set, checked: the folder is inside the project (as data.raw), every row has an
+    id, a prompt and a non-empty list of accepted answers."""
+    import json
+
+    from stages.lib.io import resolve_data_path
+
+    try:
+        folder = resolve_data_path(setting)
+    except ValueError as exc:
+        raise EvalError(f"evaluate.probes: {exc}") from None
+    questions = Path(setting) / "general.jsonl"
     text = folder / "general_text.txt"
-    if not questions.exists():
+    if not (folder / "general.jsonl").is_file():
         raise EvalError(f"{questions} not found (evaluate.probes names the probe folder)")
-    return list(read_jsonl(questions)), text.read_text(encoding="utf-8") if text.exists() else ""
+    probes, problems = [], []
+    with open(folder / "general.jsonl", encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                problems.append(f"line {number}: not JSON ({exc})")
+                continue
+            accept = row.get("accept") if isinstance(row, dict) else None
+            if not isinstance(row, dict) or not isinstance(row.get("id"), str) \
+                    or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+                problems.append(f"line {number}: needs a string id and a non-empty prompt")
+            elif not (isinstance(accept, list) and accept and all(isinstance(a, str) and a.strip() for a in accept)):
+                problems.append(f"line {number} ({row['id']}): needs \"accept\", a non-empty list of accepted answers")
+            else:
+                probes.append(row)
+    if problems:
+        raise EvalError(f"{questions}: {len(problems)} bad probe row(s): " + "; ".join(problems[:5])
+                        + (" ..." if len(problems) > 5 else "") + ' (each row: {"id", "prompt", "accept": [...]})')
+    if not probes:
+        raise EvalError(f"{questions} has no probes")
+    return probes, text.read_text(encoding="utf-8") if text.exists() else ""
+
+
+def _check_references(test: list[dict]) -> list[str]:
+    """Every test row must end with the answer it is scored against; a row without one would
+    score 0 on every metric and pull the averages down without a word."""
+    from stages.lib.records import reference_answer
+
+    missing = [r.get("id", "?") for r in test if not reference_answer(r).strip()]
+    if missing:
+        raise EvalError(f"{len(missing)} of {len(test)} test rows have no reference answer (no final assistant "
+                        f"turn), e.g. {', '.join(missing[:3])}: with clean.require_assistant_last: true the clean "
+                        f"stage rejects such rows; re-run `dvc repro` or fix {TEST}")
+    return [reference_answer(r) for r in test]
+
+
+def _check_sizes(settings, model, tokenizer, test: list[dict]) -> None:
+    """max_new_tokens within the model's positions; a batch whose output fits in memory."""
+    import torch
+
+    from stages.lib.limits import available_memory_bytes, check_batch_memory, check_new_tokens, context_length
+
+    context = context_length(model)
+    check_new_tokens(settings.max_new_tokens, context, "evaluate.max_new_tokens")
+    longest = max(len(tokenizer(tokenizer.apply_chat_template(r["messages"], tokenize=False),
+                                 add_special_tokens=False)["input_ids"]) for r in test)
+    length = min(longest, context or longest, LOSS_MAX_TOKENS)  # what the loss pass reads at most
+    check_batch_memory(rows=min(settings.batch_size, len(test)), length=length,
+                       vocab_size=getattr(model.config, "vocab_size", 0),
+                       available=available_memory_bytes(torch.cuda.is_available()), key="evaluate.batch_size",
+                       advice="lower evaluate.batch_size")
 
 
 def evaluate_model(params, which: str) -> tuple[dict, list[dict], list[dict]]:
@@ -46,17 +109,19 @@ def evaluate_model(params, which: str) -> tuple[dict, list[dict], list[dict]]:
     what every metric and its interval is computed from (stages/lib/uncertainty.py)."""
     from stages.lib.generation import answer_loss_rows, generate, load_for_inference, text_nll_blocks
     from stages.lib.metrics import probe_row_scores, row_scores
-    from stages.lib.records import prompt_messages, reference_answer
+    from stages.lib.records import prompt_messages
 
     settings = params.evaluate
     test = list(read_jsonl(TEST))[: settings.max_samples]
     if not test:
         raise EvalError(f"{TEST} is empty: nothing to evaluate on")
-    probes, probe_text = _load_probes(Path(settings.probes))
+    references = _check_references(test)
+    probes, probe_text = _load_probes(settings.probes)
     if which == "tuned" and not (ADAPTER / "adapter_config.json").exists():
         raise EvalError(f"{ADAPTER}/adapter_config.json not found: run the train stage first")
 
     model, tokenizer = load_for_inference(params, ADAPTER if which == "tuned" else None)
+    _check_sizes(settings, model, tokenizer, test)
     predictions = generate(model, tokenizer, [prompt_messages(r) for r in test],
                            max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
                            desc=f"{which}: test split")
@@ -65,7 +130,6 @@ def evaluate_model(params, which: str) -> tuple[dict, list[dict], list[dict]]:
                              batch_size=settings.batch_size, desc=f"{which}: general probes")
     losses = answer_loss_rows(model, tokenizer, [r["messages"] for r in test],
                               max_length=LOSS_MAX_TOKENS, batch_size=settings.batch_size)
-    references = [reference_answer(r) for r in test]
     test_scores = row_scores(predictions, references, settings, ids=[r["id"] for r in test])
     for row, (loss_sum, loss_tokens) in zip(test_scores, losses):
         row["loss_sum"], row["loss_tokens"] = loss_sum, loss_tokens
@@ -137,6 +201,35 @@ def write_label_analysis(params, side_by_side: list[dict]) -> None:
                 [r["tuned"] for r in side_by_side], refs, field, settings.json_schema))
 
 
+def finite_or_reason(metrics: dict, which: str, scores: dict | None = None) -> dict:
+    """A model whose outputs are not numbers (NaN weights) gives NaN losses. The per-row scores
+    keep them out of every metric (a metric of NaN rows is not computed); the metrics say why
+    under "non_finite", with a warning, and no JSON file ever holds NaN."""
+    import math
+    from collections import Counter
+
+    from stages.lib.io import nonfinite_json_values
+
+    metrics, found = nonfinite_json_values(metrics)
+    reasons = {k: f"{v}: not a finite number, written as null" for k, v in found.items()}
+    bad, total = Counter(), Counter()
+    for unit, rows in (scores or {}).items():
+        for row in rows if isinstance(rows, list) else []:
+            for field, value in row.items():
+                if isinstance(value, float):
+                    total[f"{unit}.{field}"] += 1
+                    bad[f"{unit}.{field}"] += not math.isfinite(value)
+    for key, count in bad.items():
+        if count:
+            reasons[key] = (f"{count} of {total[key]} rows not finite (NaN or infinity): the metrics computed "
+                            "from it are left out")
+    if reasons:
+        metrics["non_finite"] = reasons
+        print(f"evaluate ({which}): warning: non-finite {', '.join(sorted(reasons))} (see non_finite in the "
+              "metrics)", file=sys.stderr)
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("base", "tuned"), required=True)
@@ -147,13 +240,14 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 1
 
+    from stages.lib.adapter import AdapterError
     from stages.lib.modeling import ModelError
 
     try:
         from stages.lib.uncertainty import summarise
 
         scores, rows, probe_rows = evaluate_model(params, args.model)
-        metrics = summarise(scores)
+        metrics = finite_or_reason(summarise(scores), args.model, scores)
         _save(args.model, scores, metrics, rows, probe_rows)
         if args.model == "base":
             from stages.lib.stage import peak_rss_mib
@@ -162,11 +256,12 @@ def main(argv: list[str] | None = None) -> int:
             failures = []
         else:
             failures = report_tuned(params, scores, rows, probe_rows)
-    except (EvalError, ModelError, OutputError, ValueError) as exc:
+    except (AdapterError, EvalError, ModelError, OutputError, ValueError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 1
     summary = ", ".join(f"{k}={v['value']:.3f} [{v['lower']:.3f}, {v['upper']:.3f}]"
-                        for k, v in metrics.items() if isinstance(v, dict) and "value" in v)
+                        for k, v in metrics.items() if isinstance(v, dict)
+                        and all(isinstance(v.get(b), (int, float)) for b in ("value", "lower", "upper")))
     print(f"evaluate ({args.model}): {summary}", file=sys.stderr)
     if failures:
         print("evaluation gates failed:\n  " + "\n  ".join(failures), file=sys.stderr)

@@ -28,6 +28,7 @@ def main() -> int:
         print(exc, file=sys.stderr)
         return 1
 
+    from stages.lib.adapter import AdapterError
     from stages.lib.export import ExportError, GGUFCheckError, run_export
     from stages.lib.modeling import ModelError
     from stages.lib.records import prompt_messages
@@ -41,7 +42,7 @@ def main() -> int:
         write_json(REPORT, exc.report)  # the figures that failed, for the reader
         print(f"export: {exc} (figures in {REPORT})", file=sys.stderr)
         return 1
-    except (ExportError, ModelError, OutputError) as exc:
+    except (AdapterError, ExportError, ModelError, OutputError) as exc:
         print(f"export: {exc}", file=sys.stderr)
         return 1
     if report["enabled"]:  # a disabled export loads no model: its report stays {"enabled": false}

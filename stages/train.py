@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from stages.lib.io import OutputError, write_json
+from stages.lib.limits import LAUNCHED_MARK, check_processes, inside_launcher
 from stages.lib.params import ParamsError, load_params
 
 TRAIN = Path("data/split/train.jsonl")
@@ -28,6 +29,9 @@ def _relaunch_with_accelerate(train) -> int:
     accelerate = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
     command = launch_command(train, accelerate)
     print("running:", " ".join(command), file=sys.stderr)
+    # Every process accelerate starts inherits this mark and never re-launches (accelerate's CPU
+    # launcher sets no LOCAL_RANK, and without the mark the copies re-launched themselves forever).
+    os.environ[LAUNCHED_MARK] = "1"
     os.execv(accelerate, command)
     return 1  # not reached
 
@@ -40,7 +44,11 @@ def main() -> int:
         return 1
     from stages.lib.distributed import needs_launch
 
-    if needs_launch(params.train):
+    if needs_launch(params.train) and not inside_launcher():
+        import torch
+
+        # Refused before any launch: on CPU, accelerate's copies re-launched themselves forever.
+        check_processes(params.train.num_processes, torch.cuda.device_count())
         return _relaunch_with_accelerate(params.train)
 
     from stages.lib.modeling import ModelError

@@ -77,3 +77,26 @@ def family_tokenizer(smollm2_tokenizer):
         return built[name]
 
     return build
+
+
+def make_tiny_model(folder: Path, tokenizer, *, seed: int = 0, positions: int = 256) -> Path:
+    """A Llama of random weights small enough to train in a second (2 layers, hidden 64), with the
+    real SmolLM2 tokenizer and chat template, saved as a local model directory (safetensors)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A tiny random-weight Llama (256 positions) with the SmolLM2 tokenizer, as a local directory."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", smollm2_tokenizer)

@@ -214,3 +214,22 @@ def test_the_disagreement_check_names_the_key():
     assert _differences(defaults, drifted) == [
         "dedup.threshold: default 0.7, params.yaml 0.8",
         "train.lora.r: default 16, missing from params.yaml"]
+
+
+def test_max_steps_zero_is_refused_with_what_it_would_mean():
+    with pytest.raises(ParamsError, match=r"train.max_steps: 0 would train nothing: use -1"):
+        validate_params({"train": {"max_steps": 0}})
+    assert validate_params({"train": {"max_steps": -1}}).train.max_steps == -1
+
+
+def test_lr_scheduler_names_are_transformers_own():
+    import typing
+
+    from transformers.trainer_utils import SchedulerType
+
+    from stages.lib.params import TrainParams
+
+    allowed = typing.get_args(TrainParams.model_fields["lr_scheduler"].annotation)
+    assert allowed and set(allowed) <= {s.value for s in SchedulerType}
+    with pytest.raises(ParamsError, match=r"train.lr_scheduler: Input should be 'linear', 'cosine'.*got 'bogus'"):
+        validate_params({"train": {"lr_scheduler": "bogus"}})

@@ -69,6 +69,10 @@ def project(tmp_path_factory):
     # Its own DVC cache, as in CI's fresh clone: not a developer's shared cache (.dvc/config.local),
     # whose run-cache holds everyone's runs (the shared-cache test pushes the run-cache).
     (project / ".dvc/config.local").unlink(missing_ok=True)
+    # models/ holds outputs and is left out above, except what git tracks there: models/base/README.md
+    # keeps model.files (a DVC dependency of train, evaluate and export) present in a fresh clone.
+    (project / "models/base").mkdir(parents=True)
+    shutil.copy(ROOT / "models/base/README.md", project / "models/base")
     # A slice of the shipped sample keeps the run short; its defects still exercise every stage.
     # Bytes, not text: the sample has a non-UTF-8 line on purpose.
     lines = (ROOT / "data/raw/support_tickets.jsonl").read_bytes().splitlines(keepends=True)

@@ -394,3 +394,47 @@ def test_sweep_queued_run_and_compared(repo):
     assert not any(h.endswith((".lower", ".upper")) or "chrf" in h or h.endswith(".py") for h in header), header
     # Without --experiments there is no such section.
     assert "### Experiments" not in summary_of(path, shas["data"], "--no-plots")
+
+
+def test_stale_workspace_is_warned_about(repo, tmp_path):
+    """Params changed and `dvc repro` not run: the metrics shown are stale, and the summary says so."""
+    path, shas = repo
+    at(path, shas["code"])
+    params = path / "params.yaml"
+    original = params.read_text()
+    params.write_text(PARAMS.format(lr=0.0007))
+    try:
+        done = pr_report(path, "--base", shas["params"], "--out", str(tmp_path / "s.md"), "--no-plots")
+    finally:
+        params.write_text(original)
+    assert done.returncode == 0, done.stderr
+    summary = (tmp_path / "s.md").read_text()
+    assert "> **Warning:** The workspace is not up to date: `dvc status` lists `evaluate` as changed" in summary
+    assert "Run `dvc repro`" in summary and "pr-report: warning:" in done.stderr
+    # Up to date again: no warning.
+    done = pr_report(path, "--base", shas["params"], "--out", str(tmp_path / "s2.md"), "--no-plots")
+    assert done.returncode == 0, done.stderr
+    assert "not up to date" not in (tmp_path / "s2.md").read_text()
+
+
+@pytest.mark.parametrize("content,problem", [
+    ("[1, 2]", "the top level is a JSON list, not an object"),
+    ('{"base": [0.5], "tuned": {"loss": 1}}', "'base' is a JSON list, not an object"),
+    ('{"n": 3, "tuned": {}}', "'n' is a JSON int, not an object"),
+    ('{"accuracy": 0.5}', "it has neither a 'base' nor a 'tuned' block"),
+])
+def test_wrong_shape_eval_json_is_one_line(repo, tmp_path, content, problem):
+    path, shas = repo
+    at(path, shas["code"])
+    bad = path / "reports/bad_eval.json"
+    bad.write_text(content)
+    try:
+        done = pr_report(path, "--base", shas["params"], "--out", str(tmp_path / "s.md"), "--no-plots",
+                         "--metrics-file", "reports/bad_eval.json")
+    finally:
+        bad.unlink()
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"pr-report: reports/bad_eval.json is not an evaluate report ({problem}); re-run `dvc repro evaluate` "
+        "(or pass --metrics-file)")

@@ -15,6 +15,7 @@ picks per-tensor types for those (and k-quants, which gguf-py cannot write at al
 """
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -159,6 +160,13 @@ def merge_adapter(resolved, adapter_dir: Path, merged_dir: Path, *, checks: list
                  for c in checks]
 
     merged = peft_model.merge_and_unload()
+    from stages.lib.numeric import NonFiniteError, check_model_finite
+
+    try:
+        check_model_finite(merged, "the merged model")
+    except NonFiniteError as exc:
+        raise ExportError(f"{exc}: nothing was written; the adapter or the base holds NaN/infinity "
+                          "(re-run train with a lower train.learning_rate)") from None
     # The generation config is what transformers, vLLM and TGI read to know when to stop.
     merged.generation_config.eos_token_id = stops
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -177,6 +185,9 @@ def merge_adapter(resolved, adapter_dir: Path, merged_dir: Path, *, checks: list
     for conversation, (ref_logits, ref_tokens) in zip(checks, reference):
         logits = _prompt_logits(reloaded, tokenizer, conversation)
         diff = float((logits - ref_logits).abs().max())
+        if not (math.isfinite(diff) and bool(torch.isfinite(logits).all())):
+            raise ExportError("the merged model's logits are not finite (NaN or infinity): the export is "
+                              f"unusable; {merged_dir} was left for inspection")
         tokens = _greedy(reloaded, tokenizer, conversation, max_new_tokens=max_new_tokens, stops=stops)
         max_diff = max(max_diff, diff)
         rows.append({"max_abs_logit_diff": diff, "tokens_equal": tokens == ref_tokens,
@@ -626,7 +637,14 @@ def run_export(params, *, adapter_dir: Path, merged_dir: Path, gguf_dir: Path,
     if not (adapter_dir / "adapter_config.json").exists():
         raise ExportError(f"{adapter_dir}/adapter_config.json not found: run the train stage first")
     checks = checks[: settings.check_prompts] or [FALLBACK_CHECK_PROMPT]
+    from stages.lib.adapter import check_adapter
+    from stages.lib.modeling import base_identity, check_model_files
+
+    check_model_files(params.model)
     resolved = resolve_base_model(params.model)
+    # A readable adapter of finite weights, trained on this very base: PEFT would merge an adapter
+    # of another base of the same shapes without a word.
+    check_adapter(adapter_dir, base_identity(resolved))
     print(f"export: merging {adapter_dir} into {resolved.label}", file=sys.stderr)
     report = {"enabled": True, "base": resolved.label,
               "merged": {"path": str(merged_dir)},

@@ -10,14 +10,20 @@ from stages.lib.chat import render_prompt, stop_ids, tokenize_conversation
 
 def load_for_inference(params, adapter_dir: Path | None = None):
     """The base model as it was trained on (same quantisation and compute dtype), plus the
-    adapter when given: base and tuned differ by the adapter only, so the comparison is fair."""
+    adapter when given: base and tuned differ by the adapter only, so the comparison is fair.
+    The adapter is checked first (readable config, finite weights, trained on this very base)."""
     import torch
 
-    from stages.lib.modeling import (load_model, load_tokenizer, pick_compute_dtype, resolve_base_model,
-                                     resolve_precision)
+    from stages.lib.modeling import (base_identity, check_model_files, load_model, load_tokenizer,
+                                     pick_compute_dtype, resolve_base_model, resolve_precision)
 
     cuda = torch.cuda.is_available()
+    check_model_files(params.model)
     resolved = resolve_base_model(params.model)
+    if adapter_dir is not None:
+        from stages.lib.adapter import check_adapter
+
+        check_adapter(adapter_dir, base_identity(resolved))
     tokenizer = load_tokenizer(resolved)
     quantize, dtype_name = resolve_precision(params.train.quantization, params.train.compute_dtype, cuda)
     dtype = pick_compute_dtype(dtype_name, cuda, quantize)
@@ -36,25 +42,37 @@ def _device(model):
 
 
 def generate(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int,
-             batch_size: int, desc: str = "generating") -> list[str]:
+             batch_size: int, desc: str = "generating", key: str = "evaluate.max_new_tokens") -> list[str]:
     """Greedy completions of each conversation (its chat-template prompt), in input order.
 
     Prompts are batched by length (left padding) so little compute goes to padding; generation
-    stops at the template's end-of-turn token.
+    stops at the template's end-of-turn token. Prompt + max_new_tokens never exceeds the model's
+    positions: a longer prompt loses its beginning, with a warning (`key` names the parameter).
     """
     import torch
     from tqdm import tqdm
 
+    from stages.lib.limits import check_new_tokens, context_length, prompt_budget, truncate_prompt_ids, warn_truncated
+
+    context = context_length(model)
+    check_new_tokens(max_new_tokens, context, key)
+    budget = prompt_budget(max_new_tokens, context)
     tokenizer.padding_side = "left"
-    prompts = [render_prompt(tokenizer, c) for c in conversations]
+    prompts, truncated = [], 0
+    for conversation in conversations:
+        ids = tokenizer(render_prompt(tokenizer, conversation), add_special_tokens=False)["input_ids"]
+        ids, cut = truncate_prompt_ids(list(ids), budget)
+        prompts.append(ids)
+        truncated += cut
+    warn_truncated(truncated, len(prompts), budget, desc)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[str] = [""] * len(prompts)
     stops = stop_ids(model, tokenizer)
     with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, file=sys.stderr) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            batch = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(_device(model))
+            batch = tokenizer.pad({"input_ids": [prompts[i] for i in chunk]}, padding=True,
+                                  return_tensors="pt").to(_device(model))
             generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                        temperature=None, top_p=None, top_k=None,
                                        eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
@@ -72,6 +90,9 @@ def answer_loss_rows(model, tokenizer, conversations: list[list[dict]], *, max_l
     with no assistant tokens. Kept per row so the evaluation can put an interval on the loss."""
     import torch
 
+    from stages.lib.limits import context_length
+
+    max_length = min(max_length, context_length(model) or max_length)
     encoded = [tokenize_conversation(tokenizer, c, max_length) for c in conversations]
     results: list[tuple[float, int]] = [(0.0, 0)] * len(conversations)
     present = [i for i, r in enumerate(encoded) if r]
@@ -127,6 +148,9 @@ def text_nll_blocks(model, tokenizer, text: str, *, max_length: int = 1024,
     text's perplexity; the blocks are what its interval resamples. [] for text under 2 tokens."""
     import torch
 
+    from stages.lib.limits import context_length
+
+    max_length = min(max_length, context_length(model) or max_length)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :max_length]
     if ids.shape[1] < 2:
         return []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -135,9 +136,34 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
         raise
 
 
+def nonfinite_json_values(obj: Any, prefix: str = "") -> tuple[Any, dict[str, str]]:
+    """`obj` with every NaN/infinite float replaced by None, and {dotted key: "nan"/"inf"/"-inf"}
+    for each one replaced (JSON has no such numbers; Python's json writes them anyway)."""
+    found: dict[str, str] = {}
+
+    def walk(value: Any, key: str) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            found[key or "(value)"] = repr(value)
+            return None
+        if isinstance(value, dict):
+            return {k: walk(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [walk(v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    return walk(obj, prefix), found
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write `obj` as indented JSON. NaN and infinities are not JSON (Python writes them anyway,
+    and strict parsers, `dvc metrics` among them, then fail): each becomes null, and a dict gets a
+    "non_finite" entry naming the keys and what they held, so the null has its reason beside it."""
+    obj, found = nonfinite_json_values(obj)
+    if found and isinstance(obj, dict):
+        obj["non_finite"] = {**(obj.get("non_finite") or {}),
+                             **{key: f"{value}: not a finite number, written as null" for key, value in found.items()}}
     with atomic_file(path) as handle:
-        json.dump(obj, handle, ensure_ascii=False, indent=2, sort_keys=True)
+        json.dump(obj, handle, ensure_ascii=False, indent=2, sort_keys=True, allow_nan=False)
         handle.write("\n")
 
 

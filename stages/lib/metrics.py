@@ -51,17 +51,43 @@ def _normalize_number(text: str) -> str:
     return format(value.normalize(), "f")
 
 
-def extract_answer(text: str | None, pattern: str | re.Pattern) -> str | None:
+# evaluate.extract runs on model output, which can be anything: a pattern that backtracks
+# exponentially on some output would hang the stage. The `regex` engine cuts off the classic
+# nested-quantifier cases itself (measured: "(a+)+$" on 40 a's, 0.6 ms) and takes a time limit for
+# the rest; past it the stage stops with a message naming the parameter.
+EXTRACT_TIMEOUT_S = 1.0
+
+
+class ExtractTimeout(ValueError):
+    """evaluate.extract took longer than EXTRACT_TIMEOUT_S on one text."""
+
+
+def compile_extract(pattern):
+    """evaluate.extract compiled by the `regex` engine (a pattern already compiled by it is kept;
+    one compiled by Python's re is recompiled, since re has no time limit)."""
+    import regex
+
+    if isinstance(pattern, regex.Pattern):
+        return pattern
+    return regex.compile(pattern.pattern if isinstance(pattern, re.Pattern) else pattern)
+
+
+def extract_answer(text: str | None, pattern) -> str | None:
     """The first group of the first match of `pattern` in `text`, normalised; None if no match.
 
     Numbers lose thousands separators and a trailing full stop, and equal quantities compare
     equal ("1,234." -> "1234", "18.00" -> "18"); anything else is whitespace-normalised.
-    Applied to predictions and references alike.
+    Applied to predictions and references alike. Raises ExtractTimeout past EXTRACT_TIMEOUT_S.
     """
     if not text:
         return None
-    regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-    match = regex.search(text)
+    compiled = compile_extract(pattern)
+    try:
+        match = compiled.search(text, timeout=EXTRACT_TIMEOUT_S)
+    except TimeoutError:
+        raise ExtractTimeout(f"evaluate.extract: {compiled.pattern!r} ran for more than {EXTRACT_TIMEOUT_S:g} s "
+                             f"on one {len(text)}-character text (exponential backtracking, e.g. "
+                             "alternatives that overlap under a repeat such as (a|aa)+); simplify it") from None
     if match is None or match.group(1) is None:
         return None
     answer = collapse_whitespace(match.group(1))
@@ -119,11 +145,14 @@ def _check_lengths(preds: Sequence, refs: Sequence) -> None:
         raise ValueError(f"{len(preds)} predictions but {len(refs)} references")
 
 
-def is_exact_match(pred: str | None, ref: str | None, extract: str | re.Pattern | None = None) -> bool:
+def is_exact_match(pred: str | None, ref: str | None, extract=None) -> bool:
     """One row of `exact_match` (the samples report marks rows with it)."""
     if extract is not None:
+        # The reference first and always: a pattern that cannot cope with the data fails on the
+        # first run, not only once a prediction happens to match.
+        wanted = extract_answer(ref, extract)
         answer = extract_answer(pred, extract)
-        return answer is not None and answer == extract_answer(ref, extract)
+        return answer is not None and answer == wanted
     pred, ref = pred or "", ref or ""
     pred_obj, ref_obj = _as_json_structure(pred), _as_json_structure(ref)
     if pred_obj is not None and ref_obj is not None:
@@ -132,7 +161,7 @@ def is_exact_match(pred: str | None, ref: str | None, extract: str | re.Pattern 
 
 
 def exact_match(preds: Sequence[str], refs: Sequence[str],
-                extract: str | re.Pattern | None = None) -> float | None:
+                extract=None) -> float | None:
     """Share of rows whose prediction equals the reference.
 
     Without `extract`: after stripping and collapsing whitespace (case-sensitive: a label with
@@ -144,8 +173,14 @@ def exact_match(preds: Sequence[str], refs: Sequence[str],
     _check_lengths(preds, refs)
     if not preds:
         return None
-    regex = re.compile(extract) if isinstance(extract, str) else extract
-    return sum(is_exact_match(p, r, regex) for p, r in zip(preds, refs)) / len(preds)
+    if extract is None:
+        return sum(is_exact_match(p, r) for p, r in zip(preds, refs)) / len(preds)
+    # Every text goes through the pattern (references too, even where the prediction has no
+    # match), so a pattern that cannot cope with this data fails on the first run, not later.
+    compiled = compile_extract(extract) if isinstance(extract, str) else extract
+    wanted = [extract_answer(r, compiled) for r in refs]
+    got = [extract_answer(p, compiled) for p in preds]
+    return sum(a is not None and a == b for a, b in zip(got, wanted)) / len(preds)
 
 
 # Han, kana and other scripts written without spaces: each character is a token, as in
@@ -462,7 +497,7 @@ def row_scores(preds: Sequence[str], refs: Sequence[str], params_evaluate: Any,
     schema = _param(params_evaluate, "json_schema")
     fields = list(_param(params_evaluate, "json_fields", []) or [])
     validator = schema_validator(schema) if schema is not None else None
-    regex = re.compile(extract) if isinstance(extract, str) else extract
+    regex = compile_extract(extract) if extract is not None else None
     scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_UnicodeTokenizer())
     chrf_stats = chrf_row_stats(preds, refs)
     rows = []

@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ class ResolvedModel:
     trust_remote_code: bool
     label: str                # what reports call it
     chat_template: str | None = None  # model.chat_template: replaces the tokenizer's template
+    sha256: str | None = None  # the built-in default's GGUF file hash
 
     def from_pretrained_kwargs(self) -> dict:
         # use_safetensors=True: never unpickle weights from a download (a .bin can run code).
@@ -65,13 +67,13 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def materialize_gguf(gguf: Path, root: Path = MATERIALIZED_ROOT) -> Path:
+def materialize_gguf(gguf: Path, root: Path = MATERIALIZED_ROOT, sha256: str | None = None) -> Path:
     """Dequantise a GGUF model into plain fp32 safetensors once; return the folder.
 
     A GGUF-loaded model refuses `save_pretrained` and carries a GGUF quantization_config that
     makes bitsandbytes refuse it, so a plain model is rebuilt from its config and state dict.
     """
-    target = root / f"{gguf.stem}-{file_sha256(gguf)[:12]}"
+    target = root / f"{gguf.stem}-{(sha256 or file_sha256(gguf))[:12]}"
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target
     import torch
@@ -98,20 +100,91 @@ def materialize_gguf(gguf: Path, root: Path = MATERIALIZED_ROOT) -> Path:
     return target
 
 
+# A hub id as the hub spells them: "name" or "org/name", letters, digits, '-', '_' and '.'.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _project_path(value: str) -> Path:
+    """A model path from params: a relative one may not climb out of the project (as data.raw);
+    an absolute one is the user's deliberate choice (models often live on a shared disk)."""
+    path = Path(value)
+    if path.is_absolute():
+        return path
+    root = Path.cwd().resolve()
+    resolved = (root / path).resolve()
+    if resolved != root and root not in resolved.parents:
+        raise ModelError(f"model.base: {value!r} points outside the project; use an absolute path if you mean it")
+    return resolved
+
+
 def resolve_base_model(model_params, root: Path = MATERIALIZED_ROOT) -> ResolvedModel:
     base = model_params.base
     if base in BUILTIN_MODELS:
-        path = materialize_gguf(find_builtin_gguf(BUILTIN_MODELS[base]), root)
-        return ResolvedModel(str(path), None, False, base, model_params.chat_template)
+        gguf = find_builtin_gguf(BUILTIN_MODELS[base])
+        sha256 = file_sha256(gguf)
+        path = materialize_gguf(gguf, root, sha256)
+        return ResolvedModel(str(path), None, False, base, model_params.chat_template, sha256=sha256)
     if Path(base).is_dir():
+        _project_path(base)
         return ResolvedModel(base, None, model_params.trust_remote_code, base, model_params.chat_template)
     if Path(base).exists() or base.startswith((".", "/")):
         raise ModelError(f"model.base: {base!r} is not a model directory")
+    if not HUB_ID.match(base):
+        raise ModelError(f"model.base: {base!r} is neither the built-in default ({', '.join(BUILTIN_MODELS)}), "
+                         "a local model directory nor a Hugging Face hub id (org/name)")
     if not model_params.revision:
         log.warning("model.revision is not pinned: %s may change on the hub under the same "
                     "params, and DVC would not notice", base)
     return ResolvedModel(base, model_params.revision, model_params.trust_remote_code, base,
                          model_params.chat_template)
+
+
+def check_model_files(model_params) -> None:
+    """model.files is what dvc.yaml lists as the base model's files (DVC templating cannot make a
+    dependency of model.base itself, which may be a hub id): it must name the directory that
+    model.base loads, or models/base (where the built-in default is materialised) otherwise."""
+    base, files = model_params.base, model_params.files
+    if base not in BUILTIN_MODELS and Path(base).is_dir():
+        if _project_path(files) != _project_path(base):
+            raise ModelError(f"model.files: {files!r} must be the local model directory {base!r} (model.base), "
+                             "so that DVC re-runs train, evaluate and export when its files change")
+    elif Path(files) != MATERIALIZED_ROOT:
+        raise ModelError(f"model.files: {files!r} must be {str(MATERIALIZED_ROOT)!r} unless model.base is a "
+                         "local directory (then the same directory)")
+
+
+def directory_sha256(folder: Path) -> str:
+    """One hash of every file in a model directory (names and contents; dot-files skipped)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*")
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)):
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def hub_commit(resolved: ResolvedModel) -> str | None:
+    """The commit a hub id + revision resolves to (from the hub, or the local cache when offline)."""
+    from transformers.utils.hub import cached_file, extract_commit_hash
+
+    try:
+        config = cached_file(resolved.path, "config.json", revision=resolved.revision)
+    except Exception as exc:
+        raise ModelError(explain_load_error(exc, resolved)) from exc
+    return extract_commit_hash(config, None)
+
+
+def base_identity(resolved: ResolvedModel) -> dict:
+    """What an adapter records about its base, and what evaluate/export compare it with: the name,
+    the revision asked for and, to tell apart two bases of the same name and shapes, the GGUF hash
+    (built-in default), the hash of every file (local directory) or the resolved hub commit."""
+    identity = {"base": resolved.label, "revision": resolved.revision}
+    if resolved.sha256:
+        identity["sha256"] = resolved.sha256
+    elif Path(resolved.path).is_dir():
+        identity["sha256"] = directory_sha256(Path(resolved.path))
+    else:
+        identity["commit"] = hub_commit(resolved)
+    return identity
 
 
 def resolve_precision(quantization: str, compute_dtype: str, cuda: bool) -> tuple[bool, str]:
@@ -159,7 +232,10 @@ def load_tokenizer(resolved: ResolvedModel):
 
     kwargs = resolved.from_pretrained_kwargs()
     kwargs.pop("use_safetensors")
-    tokenizer = AutoTokenizer.from_pretrained(resolved.path, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.path, **kwargs)
+    except Exception as exc:
+        raise ModelError(explain_load_error(exc, resolved)) from exc
     if resolved.chat_template:
         tokenizer.chat_template = read_chat_template(resolved.chat_template)
     if tokenizer.chat_template is None:
@@ -208,11 +284,82 @@ def load_model(resolved: ResolvedModel, *, quantize: bool, compute_dtype, device
         model = AutoModelForCausalLM.from_pretrained(
             resolved.path, dtype=torch.float32 if cpu_mixed else compute_dtype,
             device_map=device_map, **kwargs)
-    except OSError as exc:
-        hint = "" if os.environ.get("HF_TOKEN") else " (for a gated model set HF_TOKEN in the environment)"
-        raise ModelError(f"cannot load {resolved.label}: {exc}{hint}") from None
+    except (OSError, ValueError) as exc:
+        raise ModelError(explain_load_error(exc, resolved)) from exc
     if cpu_mixed:
         from stages.lib.precision import store_frozen_linears_in_bf16
 
         store_frozen_linears_in_bf16(model)
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# Why a model did not load: one message per cause, each saying what to do.
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
+def _http_status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def explain_load_error(exc: BaseException, resolved: ResolvedModel) -> str:
+    """One line for a failed from_pretrained: offline, unreachable, gated, token missing, not found,
+    unknown revision, or (for anything else) the library's own message with the model's name.
+
+    transformers wraps the hub's exceptions in OSError; the cause chain still holds the hub's
+    exception class, which says what happened more reliably than the message text."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
+
+    name = resolved.label
+    has_token = bool(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"))
+    page = f"https://huggingface.co/{resolved.path}"
+    chain = _exception_chain(exc)
+    kinds = tuple(type(e) for e in chain)
+
+    def has(cls) -> bool:
+        return any(issubclass(k, cls) for k in kinds)
+
+    status = next((s for s in map(_http_status, chain) if s is not None), None)
+    if has(GatedRepoError):
+        if has_token:
+            return (f"model.base: {name} is a gated model and the HF_TOKEN in the environment has no access "
+                    f"to it: accept its licence at {page} with the token's account, then retry")
+        return (f"model.base: {name} is a gated model and no token is set: accept its licence at {page}, "
+                "then export HF_TOKEN=<a read token> (in the environment, never in params.yaml)")
+    if has(RevisionNotFoundError):
+        return (f"model.revision: {resolved.revision!r} does not exist for {name}: use a commit hash, "
+                f"branch or tag listed at {page}/commits")
+    if has(RepositoryNotFoundError) or status in (401, 403):
+        if not has_token:
+            return (f"model.base: the hub has no model {name!r} readable without a token (token missing): "
+                    "check the id (org/name, as on https://huggingface.co/models); if it is private, "
+                    "export HF_TOKEN=<a read token> in the environment")
+        return (f"model.base: {name!r} was not found on the hub, or the HF_TOKEN in the environment "
+                "cannot see it: check the id (org/name) and the token's access")
+    offline = constants.HF_HUB_OFFLINE or has(OfflineModeIsEnabled)
+    if offline or has(LocalEntryNotFoundError) or "couldn't connect" in str(exc):
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached (no network?)"
+        return (f"model.base: {name} is not in the local Hugging Face cache and {why} (offline): "
+                "download it once where the hub is reachable (`hf download "
+                f"{resolved.path}{' --revision ' + resolved.revision if resolved.revision else ''}`) and "
+                "reuse that cache (HF_HOME), or set model.base to a local model directory")
+    if has(HfHubHTTPError) or has(ConnectionError) or has(TimeoutError):
+        return (f"model.base: the hub could not be reached for {name} ({_first_line(exc)}): check the "
+                "network (or set HF_HUB_OFFLINE=1 to use the local cache only)")
+    return f"cannot load {name}: {_first_line(exc)}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -136,6 +136,11 @@ class ModelParams(_Section):
     chat_template: Optional[str] = None
 
 
+    # What dvc.yaml lists as the base model's files, so that replacing weights re-runs the stages
+    # that read them: the local directory when `base` is one, else models/base (stages/lib/modeling.py).
+    files: str = "models/base"
+
+
 class LoraParams(_Section):
     r: int = Field(default=16, gt=0, le=4096)
     alpha: int = Field(default=32, gt=0, le=65536)
@@ -190,6 +195,15 @@ class TrainParams(_Section):
     num_machines: int = Field(default=1, gt=0, le=4096)
     main_process_ip: Optional[str] = None
     main_process_port: int = Field(default=29500, gt=0, le=65535)
+
+    @field_validator("max_steps")
+    @classmethod
+    def _zero_steps_is_not_a_run(cls, value):
+        # transformers reads max_steps 0 as "not set" and trains a whole epoch (or one step); say so.
+        if value == 0:
+            raise ValueError("0 would train nothing: use -1 to let train.epochs decide, or a positive number")
+        return value
+
 
 # The default rubric fits the shipped sample task (support ticket -> JSON triage record).
 DEFAULT_JUDGE_RUBRIC = (
@@ -271,11 +285,11 @@ class EvaluateParams(_Section):
     @classmethod
     def _regex_compiles(cls, value):
         if value is not None:
-            import re
+            import regex  # the engine evaluate runs it with (stages/lib/metrics.py)
 
             try:
-                compiled = re.compile(value)
-            except re.error as exc:
+                compiled = regex.compile(value)
+            except regex.error as exc:
                 raise ValueError(f"not a valid regular expression: {exc}") from None
             if compiled.groups < 1:
                 raise ValueError("needs a capture group: its first group is the answer")

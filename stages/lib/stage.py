@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -42,6 +43,11 @@ def debug_requested(argv: list[str] | None = None) -> bool:
 
 
 def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        # From any library (dvclive, safetensors, the Trainer's checkpoints): say what to do.
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return (f"no space left on device{where}: free some space and run it again (train resumes from "
+                "its last complete checkpoint)")
     message = str(exc).strip()
     if not message:
         return type(exc).__name__
@@ -80,6 +86,19 @@ def return_freed_memory_promptly() -> bool:
     return bool(mallopt(m_mmap_threshold, 128 * 1024)) and bool(mallopt(m_trim_threshold, 128 * 1024))
 
 
+def _close_progress_bars() -> None:
+    """Close the progress bars an exception left open (the Trainer's, generation's), so the
+    one-line message starts on a line of its own instead of after a half-drawn bar."""
+    std = sys.modules.get("tqdm.std")
+    if std is None:
+        return
+    for bar in list(getattr(std.tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot close must not hide the real error
+            pass
+
+
 def run_stage(name: str, main: Callable[..., int | None], argv: list[str] | None = None) -> int:
     """Run `main(argv)` (or `main()` when argv is None) and turn its outcome into an exit status.
 
@@ -95,6 +114,7 @@ def run_stage(name: str, main: Callable[..., int | None], argv: list[str] | None
         else:
             status = main([a for a in argv if a != DEBUG_FLAG])
     except KeyboardInterrupt:
+        _close_progress_bars()
         print(f"{name}: interrupted", file=sys.stderr)
         return 130
     except Terminated:
@@ -103,6 +123,7 @@ def run_stage(name: str, main: Callable[..., int | None], argv: list[str] | None
     except SystemExit:
         raise  # argparse's --help and usage errors keep their own status
     except Exception as exc:  # noqa: BLE001 - the point of the wrapper
+        _close_progress_bars()
         if debug:
             traceback.print_exc()
         print(f"{name}: {_one_line(exc)}", file=sys.stderr)

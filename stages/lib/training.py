@@ -373,6 +373,42 @@ def _labelled_positions_trainer_class():
     return _LABELLED_TRAINER
 
 
+def check_target_modules(model, targets) -> None:
+    """Every name in train.lora.target_modules must match a module of the model, as PEFT matches
+    them (the full name, or its last dotted parts): PEFT raises only when none matches, with a
+    traceback, and silently skips a misspelt name among good ones."""
+    if isinstance(targets, str):
+        return  # "all-linear"
+    names = [name for name, _ in model.named_modules() if name]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        import torch
+
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")})
+        raise TrainError(f"train.lora.target_modules: {', '.join(map(repr, unmatched))} "
+                         f"match{'es' if len(unmatched) == 1 else ''} no module of the model; its linear layers are "
+                         f"{', '.join(linear)} (or use all-linear)")
+
+
+def check_train_sizes(train, plan: TrainingPlan, model, dataset) -> None:
+    """train.max_length within the model's positions, and a batch whose output fits in memory."""
+    from stages.lib.limits import LimitError, available_memory_bytes, check_batch_memory, context_length
+
+    context = context_length(model)
+    if context is not None and train.max_length > context:
+        raise LimitError(f"train.max_length={train.max_length} is longer than the model's context of "
+                         f"{context} positions: set train.max_length <= {context}")
+    if plan.packing:
+        return  # packed rows: the token budget was fitted to free memory (fit_token_budget)
+    longest = max((len(ids) for ids in dataset["input_ids"]), default=0)
+    rows = min(plan.per_device_batch_size, len(dataset))
+    check_batch_memory(rows=rows, length=longest, vocab_size=getattr(model.config, "vocab_size", 0),
+                       available=available_memory_bytes(plan.device == "cuda"), key="train.batch_size",
+                       advice="lower train.batch_size (raise train.grad_accum to keep the effective "
+                              "batch) or train.max_length")
+
+
 def resolve_plan(train, model=None) -> TrainingPlan:
     """plan_training for this machine; with a loaded model on CUDA, the token budget fitted to the
     free GPU memory."""
@@ -407,7 +443,9 @@ def run_training(params, *, train_path: Path, validation_path: Path, adapter_dir
 
     from stages.lib import checkpoints
     from stages.lib.io import atomic_dir, write_json
-    from stages.lib.modeling import load_model, load_tokenizer, pick_compute_dtype, resolve_base_model
+    from stages.lib.modeling import (base_identity, check_model_files, load_model, load_tokenizer,
+                                     pick_compute_dtype, resolve_base_model)
+    from stages.lib.numeric import make_finite_guard_callback
 
     train = params.train
     cuda = torch.cuda.is_available()
@@ -415,7 +453,9 @@ def run_training(params, *, train_path: Path, validation_path: Path, adapter_dir
     dtype = pick_compute_dtype(plan.compute_dtype, cuda, plan.quantize)
     set_seed(train.seed)
 
+    check_model_files(params.model)
     resolved = resolve_base_model(params.model)
+    identity = base_identity(resolved)
     tokenizer = load_tokenizer(resolved)
     train_records = list(read_jsonl(train_path))
     validation_records = list(read_jsonl(validation_path)) if validation_path.exists() else []
@@ -449,7 +489,10 @@ def run_training(params, *, train_path: Path, validation_path: Path, adapter_dir
                        quant_storage=dtype if train.distributed == "fsdp" else None)
     if cuda:
         plan = resolve_plan(train, model)  # the token budget, fitted to the memory left after loading
-    callbacks = [checkpoints.make_seal_callback(), make_dvclive_callback(live_dir)]
+    check_target_modules(model, train.lora.target_modules)
+    check_train_sizes(train, plan, model, train_dataset)
+    # The guard first: a non-finite step stops the run before anything logs or saves it.
+    callbacks = [make_finite_guard_callback(), checkpoints.make_seal_callback(), make_dvclive_callback(live_dir)]
     if eval_dataset is not None and train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
     trainer = build_trainer(plan, train, model=model, tokenizer=tokenizer, train_dataset=train_dataset,
@@ -471,6 +514,8 @@ def run_training(params, *, train_path: Path, validation_path: Path, adapter_dir
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     report = {
         "model": resolved.label, "device": plan.device, "plan": asdict(plan),
+        # What the adapter was trained on: the resolved hub commit or the hash of the base's files.
+        "base": {k: v for k, v in identity.items() if k in ("revision", "commit", "sha256")},
         "steps": state.global_step, "epochs": round(state.epoch or 0, 4),
         "train_examples": len(train_dataset),
         "dropped_by_truncation": supervision["dropped_no_assistant_token"],
@@ -497,8 +542,7 @@ def run_training(params, *, train_path: Path, validation_path: Path, adapter_dir
         if main:
             tokenizer.save_pretrained(tmp)
             write_json(tmp / "training_config.json", {
-                "base_model": {"base": params.model.base, "resolved": resolved.path,
-                               "revision": resolved.revision},
+                "base_model": {**identity, "resolved": resolved.path},
                 "train": train.model_dump(), "plan": asdict(plan), "versions": _versions()})
     if main:
         # The adapter is now in DVC's hands; the checkpoints have served their purpose.
