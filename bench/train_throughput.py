@@ -3,7 +3,7 @@
 On one GPU, in one run, on the same data (Alpaca-like lengths: lognormal, mean ~187 tokens, random
 token ids) and the same Llama-3-8B-shaped model with random weights, nf4 + double quant:
 
-  seed        the reference arm, exactly ../shared/bench/seed_recipe.py's settings: TRL SFTTrainer,
+  seed        the reference arm, the plain TRL QLoRA recipe a user would write: TRL SFTTrainer,
               LoRA r=16 alpha=32 dropout=0.05 on q/k/v/o, batch 4 x accum 4, max length 1024,
               gradient checkpointing as SFTConfig defaults it, no packing;
   throughput  the train stage's GPU default: plan_training(profile throughput) -> build_trainer,
@@ -56,7 +56,7 @@ if str(ROOT) not in sys.path:
 MODEL_DIR = os.environ.get("BENCH_MODEL_DIR", "/tmp/llama8b-random")
 PEAK_FLOPS = 989e12        # H100/H200 SXM dense bf16, datasheet
 WARMUP = 2                 # steps excluded from timing (compilation, allocator growth)
-SEED_STEPS = 14            # as seed_recipe.py
+SEED_STEPS = 14            # as the reference recipe
 SEED_SEQS_PER_STEP = 16    # batch 4 x accum 4
 # "Best TRL" arms: 16k tokens per optimizer step either way (as the project's throughput profile).
 DEFAULT_TRL_ARMS = "trl:tokens=16384,accum=1;trl:tokens=4096,accum=4"
@@ -78,7 +78,7 @@ def n_matmul(cfg) -> int:
 
 
 def make_model(path: str) -> float:
-    """Random-weight Llama-3-8B-shaped checkpoint in bf16 safetensors, as seed_recipe.py makes it."""
+    """Random-weight Llama-3-8B-shaped checkpoint in bf16 safetensors, as the reference recipe makes it."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -95,7 +95,7 @@ def make_model(path: str) -> float:
 
 
 def make_rows(n: int):
-    """seed_recipe.py's data: lognormal lengths (mean ~187) clipped to [16, 1024], random ids."""
+    """The reference recipe's data: lognormal lengths (mean ~187) clipped to [16, 1024], random ids."""
     rng = random.Random(0)
     lens = [max(16, min(1024, int(rng.lognormvariate(5.0, 0.7)))) for _ in range(n)]
     return [[rng.randrange(1000, 128000) for _ in range(length)] for length in lens]
@@ -255,7 +255,7 @@ def time_trainer(trainer, decoder, flops_const: float, profile_steps: int = 0) -
 
 
 def worker_seed(rows, steps: int) -> dict:
-    """seed_recipe.py's arm, with its exact model, LoRA, SFTConfig and tokenizer."""
+    """The reference recipe's arm (plain TRL QLoRA), with its exact model, LoRA, SFTConfig and tokenizer."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig, TaskType, get_peft_model
@@ -278,7 +278,7 @@ def worker_seed(rows, steps: int) -> dict:
                          processing_class=wordlevel_tokenizer())
     result = time_trainer(trainer, model.get_base_model().model, 4 * n_matmul(model.config))
     result.update(load_quantize_s=round(load_s, 1), attention=model.config._attn_implementation,
-                  plan="seed_recipe.py: q/k/v/o r=16, batch 4 x accum 4, max_length 1024, no packing")
+                  plan="reference recipe: q/k/v/o r=16, batch 4 x accum 4, max_length 1024, no packing")
     return result
 
 
@@ -471,7 +471,7 @@ def main() -> int:
                   "weights": "random (no hub)", "quantization": "nf4 + double quant, bf16 compute",
                   "n_matmul": n_matmul(llama8b_config()), "checkpoint_written_s": round(create_s, 1)},
         "data": {"rows": n_rows, "mean_tokens": round(sum(map(len, rows)) / n_rows, 1),
-                 "lengths": "lognormal(5.0, 0.7) clipped to [16, 1024], as seed_recipe.py"},
+                 "lengths": "lognormal(5.0, 0.7) clipped to [16, 1024], as the reference recipe"},
         "peak_flops": PEAK_FLOPS, "arms": {},
     }
     del rows
