@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 
 TINY = {
     "split": {"validation_fraction": 0.0},  # 60 rows: too few for a validation split
-    "train": {"max_steps": 2, "batch_size": 4, "save_steps": 2, "eval_steps": 2, "logging_steps": 1,
+    # nf4 on purpose: QLoRA on every architecture (on CPU the default, quantization auto, is none).
+    "train": {"quantization": "nf4", "max_steps": 2, "batch_size": 4, "save_steps": 2, "eval_steps": 2, "logging_steps": 1,
               "max_length": 192},
     "evaluate": {"max_samples": 2, "max_new_tokens": 8, "batch_size": 8, "n_samples": 1, "gates": []},
     # f32: llama.cpp must then give exactly transformers' greedy tokens.
@@ -45,7 +46,9 @@ def test_architecture_trains_evaluates_and_exports_a_gguf_llama_cpp_agrees_with(
         project, family_tokenizer, architecture):
     _config, family = ARCHITECTURES[architecture]
     model_dir = build_tiny_model(architecture, family_tokenizer(family), project / "tiny" / family)
-    _set_params(project, {"model": {"base": str(model_dir)}})
+    # A local base model: model.files names its directory, so DVC re-runs the model stages when
+    # its weights change (and the default's models/base is not there in this copy).
+    _set_params(project, {"model": {"base": str(model_dir), "files": str(model_dir)}})
     result = _run([str(BIN / "dvc"), "repro"], project)
     log = result.stdout + result.stderr
 
