@@ -89,11 +89,13 @@ def _check_sizes(settings, model, tokenizer, test: list[dict]) -> None:
     """max_new_tokens within the model's positions; a batch whose output fits in memory."""
     import torch
 
+    from stages.lib.chat import render_conversation
     from stages.lib.limits import available_memory_bytes, check_batch_memory, check_new_tokens, context_length
 
     context = context_length(model)
     check_new_tokens(settings.max_new_tokens, context, "evaluate.max_new_tokens")
-    longest = max(len(tokenizer(tokenizer.apply_chat_template(r["messages"], tokenize=False),
+    # Rendered as training renders it (a template without a system role gets it folded in).
+    longest = max(len(tokenizer(render_conversation(tokenizer, r["messages"]),
                                  add_special_tokens=False)["input_ids"]) for r in test)
     length = min(longest, context or longest, LOSS_MAX_TOKENS)  # what the loss pass reads at most
     check_batch_memory(rows=min(settings.batch_size, len(test)), length=length,

@@ -267,7 +267,11 @@ def build_trainer(plan: TrainingPlan, train, *, model, tokenizer, train_dataset,
     from trl import SFTConfig, SFTTrainer
 
     cuda = plan.device == "cuda"
-    if plan.attention is not None:
+    # Gemma 2 caps its attention logits and only the eager kernel applies the cap (the packed and
+    # SDPA kernels refuse it): it keeps eager, for which transformers builds the per-example mask
+    # from the restarting position ids of packed rows.
+    keeps_eager = bool(getattr(model.config, "attn_logit_softcapping", None))
+    if plan.attention is not None and not keeps_eager:
         if plan.attention == PACKED_ATTENTION:
             register_packed_attention()
         model.set_attn_implementation(plan.attention)
