@@ -128,7 +128,11 @@ def pr_report(cwd, *args):
 
 
 def _env():
+    # The venv's bin on PATH: DVC's queue starts its worker as a bare `dvc` from PATH, and
+    # `make test` runs the venv's python without activating the venv.
+    bin_dir = str(Path(sys.executable).parent)
     return {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0",
+            "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
             "PYTHONPATH": os.pathsep.join([str(PROJECT), os.environ.get("PYTHONPATH", "")])}
 
 

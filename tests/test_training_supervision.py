@@ -33,7 +33,8 @@ def test_train_stage_fails_clearly_when_no_token_is_supervised(smollm2_tokenizer
     smollm2_tokenizer.save_pretrained(tmp_path / "model")  # a tokenizer is all it gets to read
     train_path = tmp_path / "train.jsonl"
     train_path.write_text("".join(json.dumps(LONG_PROMPT) + "\n" for _ in range(3)))
-    params = Params.model_validate({"model": {"base": str(tmp_path / "model")}, "train": {"max_length": 32}})
+    model_dir = str(tmp_path / "model")  # model.files names the same directory, as issue 20 requires
+    params = Params.model_validate({"model": {"base": model_dir, "files": model_dir}, "train": {"max_length": 32}})
     with pytest.raises(TrainError, match=r"all 3 training examples lost every assistant token.*train.max_length=32"):
         run_training(params, train_path=train_path, validation_path=tmp_path / "none.jsonl",
                      adapter_dir=tmp_path / "adapter", live_dir=tmp_path / "live",
