@@ -110,10 +110,13 @@ def test_fit_token_budget_only_lowers():
 
 
 
-def test_fused_lora_is_on_for_the_cuda_profiles_with_nf4_only():
+def test_fused_lora_is_on_for_nf4_on_cuda_and_the_frozen_bf16_layers_on_cpu():
     assert _plan(True).fused_lora and _plan(True, profile="low_memory").fused_lora
-    assert not _plan(False).fused_lora                       # CPU keeps peft's own forward
+    assert _plan(False).fused_lora                           # CPU default: the frozen bf16 layers
+    assert not _plan(False, compute_dtype="fp32").fused_lora  # plain fp32 layers: peft's own forward
+    assert not _plan(False, profile="throughput").fused_lora  # a GPU profile on CPU: plain peft
+    assert not _plan(False, fused_lora=False).fused_lora
     assert not _plan(True, profile="cpu").fused_lora
-    assert not _plan(True, quantization="none").fused_lora   # the fused path is for 4-bit layers
+    assert not _plan(True, quantization="none").fused_lora   # on CUDA the fused path is for 4-bit layers
     assert not _plan(True, fused_lora=False).fused_lora
     assert _plan(True, profile="cpu", fused_lora=True).fused_lora

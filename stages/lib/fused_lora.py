@@ -24,6 +24,14 @@ peft (the LoRA term is added before the output is rounded). With dropout > 0 the
 share one mask (each layer still sees its input dropped with probability p, as in peft; the masks
 are only no longer independent between q, k and v). tests/test_fused_lora.py checks outputs,
 gradients and a short training run against peft's path.
+
+On CPU the same grouping and folding serve the frozen bf16 linears of stages/lib/precision.py
+(the CPU profile's default): there the input is rounded to bf16 once per group instead of once per
+layer, the frozen products run in bf16 and are widened to fp32, and the LoRA term (fp32 A, B and
+products, as in peft) is accumulated into that fp32 output by one GEMM with beta=1. On the 2-core
+reference machine every pass over a (tokens x features) fp32 tensor costs about as much as a
+small GEMM, and peft's LoRA B product, scale and add were three of them per layer (bench/NOTES.md,
+CPU section).
 """
 from __future__ import annotations
 
@@ -33,16 +41,24 @@ from __future__ import annotations
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 
 
+def _is_frozen_bf16(base) -> bool:
+    return type(base).__name__ == "FrozenBF16Linear"  # stages/lib/precision.py, built lazily
+
+
+def _is_4bit(base) -> bool:
+    # By class name, so that a CPU run never imports bitsandbytes (its import probes for kernels
+    # and prints a warning on machines without them).
+    return type(base).__name__ == "Linear4bit" and hasattr(base.weight, "quant_state")
+
+
 def _lora_parts(module):
     """(adapter, lora_A weight, lora_B weight, scaling, dropout p) when `module` is a peft LoRA layer
-    on a bitsandbytes 4-bit linear that the fused path covers; None otherwise."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return None
+    on a bitsandbytes 4-bit linear or a frozen bf16 linear that the fused path covers; None
+    otherwise."""
     if not hasattr(module, "lora_A") or not hasattr(module, "get_base_layer"):
         return None
-    if not isinstance(module.get_base_layer(), bnb.nn.Linear4bit):
+    base = module.get_base_layer()
+    if not (_is_4bit(base) or _is_frozen_bf16(base)):
         return None
     adapters = list(module.active_adapters)
     if len(adapters) != 1 or len(module.lora_A) != 1:
@@ -136,7 +152,71 @@ def _make_function():
     return FusedLoRA4bit
 
 
+def _make_bf16_function():
+    import torch
+
+    class FusedLoRAFrozenBF16(torch.autograd.Function):
+        """outputs_i = float(bf16(x) @ W_i^T) (+ bias_i) + (src @ A_i^T) @ (s_i B_i)^T, with W_i frozen
+        in bf16 and x, A, B, the LoRA products and the outputs in fp32 (stages/lib/precision.py)."""
+
+        @staticmethod
+        def forward(ctx, x, x_lora, a_cat, group, *b_scaled):
+            src = x if x_lora is None else x_lora
+            xa = src @ a_cat.t()                       # (M, R) fp32: one read of the input for all A's
+            x_bf16 = x.to(torch.bfloat16)              # once per group, not once per layer
+            outputs, offset = [], 0
+            for base, b in zip(group.bases, b_scaled):
+                out = torch.nn.functional.linear(x_bf16, base.weight).to(x.dtype)
+                if base.bias is not None:
+                    out.add_(base.bias)
+                rank = b.shape[1]
+                out.addmm_(xa[:, offset:offset + rank], b.t())   # the LoRA term, accumulated in place
+                offset += rank
+                outputs.append(out)
+            ctx.group = group
+            ctx.lora_separate = x_lora is not None
+            ctx.save_for_backward(src, xa, a_cat, *b_scaled)
+            return tuple(outputs)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            src, xa, a_cat, *b_scaled = ctx.saved_tensors
+            grad_x = grad_x_lora = grad_a = None
+            grad_b = [None] * len(b_scaled)
+            pieces, frozen, offset = [], [], 0
+            for index, (base, b, g) in enumerate(zip(ctx.group.bases, b_scaled, grads)):
+                rank = b.shape[1]
+                if g is None:
+                    pieces.append(torch.zeros(src.shape[0], rank, dtype=src.dtype, device=src.device))
+                    offset += rank
+                    continue
+                g = g if g.stride(-1) == 1 else g.contiguous()
+                pieces.append(g @ b)                                  # (M, r_i) fp32
+                if ctx.needs_input_grad[4 + index]:
+                    grad_b[index] = g.t() @ xa[:, offset:offset + rank]
+                offset += rank
+                frozen.append((g, base.weight))
+            if ctx.needs_input_grad[0] and frozen:
+                # The frozen path's input gradient: one bf16 GEMM over the group's concatenated
+                # output gradients and weights (the weights are small next to the activations).
+                g_cat = frozen[0][0] if len(frozen) == 1 else torch.cat([g for g, _ in frozen], dim=1)
+                w_cat = frozen[0][1] if len(frozen) == 1 else torch.cat([w for _, w in frozen], dim=0)
+                grad_x = (g_cat.to(torch.bfloat16) @ w_cat).to(src.dtype)
+            gb = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+            if ctx.needs_input_grad[2]:
+                grad_a = gb.t() @ src
+            if ctx.lora_separate:
+                if ctx.needs_input_grad[1]:
+                    grad_x_lora = gb @ a_cat
+            elif ctx.needs_input_grad[0]:
+                grad_x = gb @ a_cat if grad_x is None else grad_x.addmm_(gb, a_cat)
+            return (grad_x, grad_x_lora, grad_a, None, *grad_b)
+
+    return FusedLoRAFrozenBF16
+
+
 _FUNCTION = None
+_BF16_FUNCTION = None
 
 
 class FusedGroup:
@@ -153,11 +233,14 @@ class FusedGroup:
     def _eligible(self, module) -> bool:
         # bitsandbytes repacks CPU weights for its inference kernel (eval mode, no grad); that
         # layout is not what dequantize_4bit reads, so such layers keep their own forward.
+        quant_state = getattr(module.get_base_layer().weight, "quant_state", None)
         return (not module.disable_adapters and not module.merged
                 and list(module.active_adapters) == [self.adapter]
-                and not getattr(module.get_base_layer().weight.quant_state, "packing_format_for_cpu", False))
+                and not getattr(quant_state, "packing_format_for_cpu", False))
 
     def compute(self, x):
+        if _is_frozen_bf16(self.bases[0]):
+            return self._compute_frozen_bf16(x)
         global _FUNCTION
         import torch
 
@@ -175,6 +258,22 @@ class FusedGroup:
         outputs = _FUNCTION.apply(flat, x_lora, a_cat, self, *b_scaled)
         return [out.view(*lead, out.shape[-1]).to(x.dtype) for out in outputs]
 
+    def _compute_frozen_bf16(self, x):
+        global _BF16_FUNCTION
+        import torch
+
+        if _BF16_FUNCTION is None:
+            _BF16_FUNCTION = _make_bf16_function()
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, x.shape[-1])
+        a_cat = torch.cat([m.lora_A[self.adapter].weight for m in self.modules]).to(x.dtype)
+        b_scaled = [(m.lora_B[self.adapter].weight * m.scaling[self.adapter]).to(x.dtype) for m in self.modules]
+        x_lora = None
+        if self.p > 0 and self.modules[0].training:
+            x_lora = torch.nn.functional.dropout(flat, p=self.p, training=True)
+        outputs = _BF16_FUNCTION.apply(flat, x_lora, a_cat, self, *b_scaled)
+        return [out.view(*lead, out.shape[-1]) for out in outputs]
+
     def forward(self, index: int, x, *args, **kwargs):
         module = self.modules[index]
         if args or kwargs or not all(self._eligible(m) for m in self.modules):
@@ -182,7 +281,10 @@ class FusedGroup:
         import torch
 
         cache = self._cache
-        if (cache is not None and cache[0] is x and cache[1] == x._version
+        # Inference tensors (torch.inference_mode, e.g. evaluation) carry no version counter; the
+        # members of a group are called one after the other on the same input there too.
+        version = None if x.is_inference() else x._version
+        if (cache is not None and cache[0] is x and cache[1] == version
                 and cache[2] == torch.is_grad_enabled() and index in cache[4]):
             cache[4].discard(index)
             out = cache[3][index]
@@ -191,12 +293,12 @@ class FusedGroup:
             return out
         outputs = self.compute(x)
         rest = set(range(len(self.modules))) - {index}
-        self._cache = (x, x._version, torch.is_grad_enabled(), outputs, rest) if rest else None
+        self._cache = (x, version, torch.is_grad_enabled(), outputs, rest) if rest else None
         return outputs[index]
 
 
 def fuse_lora(model) -> int:
-    """Replace the forward of every peft LoRA layer on a 4-bit linear in `model` by the fused path;
+    """Replace the forward of every peft LoRA layer on a 4-bit or frozen bf16 linear in `model` by the fused path;
     layers that share their input (SHARED_INPUT_GROUPS) are grouped. Returns the number of layers
     fused (0 when nothing qualifies, e.g. an unquantised model)."""
     import functools

@@ -300,6 +300,13 @@ def load_model(resolved: ResolvedModel, *, quantize: bool, compute_dtype, device
         from stages.lib.precision import store_frozen_linears_in_bf16
 
         store_frozen_linears_in_bf16(model)
+        # The tensors that stay fp32 (embeddings, norms) are views of the memory-mapped checkpoint,
+        # and the whole mapping stays resident while any of them lives: copying them out lets it go
+        # (on the default model: 1,095 -> 791 MiB RSS after the load).
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                if tensor.dtype != torch.bfloat16:
+                    tensor.data = tensor.data.clone()
     return model
 
 

@@ -75,11 +75,14 @@ def packed_varlen_attention(module, query, key, value, attention_mask, dropout=0
     if kernel is None or not query.is_cuda:
         # One causal SDPA call per example: the attention each example needs and no more (a
         # block-diagonal T x T mask would compute, then discard, every cross-example score).
+        # torch.split, not one slice per example: the backward of a split is one concatenation,
+        # that of n slices is n zero-filled full-size gradients (a pass over q, k and v each).
         kwargs = {k: v for k, v in kwargs.items() if k != "is_causal"}
-        bounds = cu.tolist()
-        pieces = [sdpa_attention_forward(module, query[:, :, lo:hi], key[:, :, lo:hi], value[:, :, lo:hi],
-                                         None, dropout=dropout, scaling=scaling, is_causal=True, **kwargs)[0]
-                  for lo, hi in zip(bounds[:-1], bounds[1:])]
+        sizes = cu.diff().tolist()
+        pieces = [sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling,
+                                         is_causal=True, **kwargs)[0]
+                  for q, k, v in zip(query.split(sizes, dim=2), key.split(sizes, dim=2),
+                                     value.split(sizes, dim=2))]
         return torch.cat(pieces, dim=1), None  # [1, T, heads, head_dim]
     # [1, heads, T, head_dim] -> [T, heads, head_dim]
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))

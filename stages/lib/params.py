@@ -175,8 +175,9 @@ class TrainParams(_Section):
     # null: the profile's default (bench/NOTES.md), on CUDA lowered to what fits in free GPU memory.
     tokens_per_batch: Optional[int] = Field(default=None, gt=0, le=1 << 26)
     gradient_checkpointing: Optional[bool] = None
-    # LoRA of the nf4 layers through the fused path (stages/lib/fused_lora.py); null: on for the
-    # CUDA profiles. false: peft's own per-layer forward.
+    # LoRA of the nf4 (CUDA) or frozen bf16 (CPU) layers through the fused path
+    # (stages/lib/fused_lora.py); null: on for the CUDA profiles and the cpu profile. false: peft's
+    # own per-layer forward.
     fused_lora: Optional[bool] = None
     lora: LoraParams = LoraParams()
     logging_steps: int = Field(default=5, gt=0, le=BIG)

@@ -130,10 +130,12 @@ def plan_training(train, cuda: bool, bf16_supported: bool = True, liger_availabl
     else:
         tokens = None
     # The fused LoRA path: same function, fewer passes over activations (bench/NOTES.md); on by
-    # default where throughput is the point (CUDA profiles, nf4), off on CPU (plain peft).
-    fused = train.fused_lora if train.fused_lora is not None else on_gpu_profile
+    # default where throughput is the point: the CUDA profiles (nf4 layers) and the cpu profile
+    # (the frozen bf16 layers of stages/lib/precision.py).
+    fused = train.fused_lora if train.fused_lora is not None else (on_gpu_profile or cpu_packed)
     if train.distributed == "fsdp":
         fused = False  # FSDP flattens the 4-bit weights; bitsandbytes' own forward knows how to read them
+    cpu_mixed = not cuda and not quantize and dtype == "bf16"
     # Packed rows need per-example attention: varlen flash attention on CUDA, one SDPA call per
     # example on CPU (stages/lib/packing.py); on CUDA without the varlen kernel, transformers' SDPA
     # with the block-diagonal mask it builds from the restarting position ids.
@@ -145,7 +147,7 @@ def plan_training(train, cuda: bool, bf16_supported: bool = True, liger_availabl
         per_device_batch_size=batch_size, grad_accum=train.grad_accum, profile=profile,
         tokens_per_batch=tokens,
         attention=PACKED_ATTENTION if packed_attention else None,
-        fused_lora=bool(fused and quantize))
+        fused_lora=bool(fused and (quantize or cpu_mixed)))
 
 
 def activation_bytes_per_token(config, checkpointing: bool, lora_dropout: float) -> int:
