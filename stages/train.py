@@ -17,6 +17,7 @@ from stages.lib.params import ParamsError, load_params
 
 TRAIN = Path("data/split/train.jsonl")
 VALIDATION = Path("data/split/validation.jsonl")
+REPLAY = Path("data/replay/answers.jsonl")
 ADAPTER = Path("models/adapter")
 REPORT = Path("reports/train.json")
 CURVES = Path("reports/train")
@@ -56,7 +57,7 @@ def main() -> int:
     from stages.lib.training import TrainError, run_training
 
     try:
-        report = run_training(params, train_path=TRAIN, validation_path=VALIDATION,
+        report = run_training(params, train_path=TRAIN, validation_path=VALIDATION, replay_path=REPLAY,
                               adapter_dir=ADAPTER, live_dir=CURVES, checkpoint_root=CHECKPOINTS)
     except (ModelError, TrainError, TemplateError, OutputError) as exc:
         print(f"train: {exc}", file=sys.stderr)

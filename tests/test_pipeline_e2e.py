@@ -25,7 +25,7 @@ CANARY = "hf_canary" + uuid.uuid4().hex
 BIN = Path(sys.executable).parent
 TINY = {
     "train": {"max_steps": 6, "batch_size": 4, "save_steps": 2, "eval_steps": 3, "logging_steps": 1,
-              "max_length": 256},
+              "max_length": 256, "replay.max_new_tokens": 16},
     # No gates: six steps teach the format only partly; gates are the default config's business.
     "evaluate": {"max_samples": 4, "max_new_tokens": 24, "batch_size": 8, "n_samples": 2, "gates": []},
     "export": {"gguf": None, "check_prompts": 1, "check_max_new_tokens": 8},

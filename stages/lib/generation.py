@@ -33,6 +33,15 @@ def load_for_inference(params, adapter_dir: Path | None = None):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_dir))
+        from stages.lib.precision import uses_frozen_bf16
+
+        if not cuda and uses_frozen_bf16(model):
+            # The adapter through the path it was trained with on CPU (stages/lib/fused_lora.py):
+            # on the frozen bf16 layers, one bf16 cast per input group and the LoRA term added by
+            # the product, a third fewer operations per generated token than peft's own forward.
+            from stages.lib.fused_lora import fuse_lora
+
+            fuse_lora(model)
     model.eval()
     return model, tokenizer
 
@@ -68,6 +77,10 @@ def generate(model, tokenizer, conversations: list[list[dict]], *, max_new_token
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[str] = [""] * len(prompts)
     stops = stop_ids(model, tokenizer)
+    # On CPU a preallocated KV cache: the default one grows by concatenation, copying every layer's
+    # keys and values at every new token (a third of a decoding step on the reference machine).
+    # On CUDA transformers would compile the model for a static cache; there the default is kept.
+    cache = {"cache_implementation": "static"} if _device(model).type == "cpu" else {}
     with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, file=sys.stderr) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
@@ -75,7 +88,8 @@ def generate(model, tokenizer, conversations: list[list[dict]], *, max_new_token
                                   return_tensors="pt").to(_device(model))
             generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                        temperature=None, top_p=None, top_k=None,
-                                       eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+                                       eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
+                                       **cache)
             new_tokens = generated[:, batch["input_ids"].shape[1]:]
             for index, tokens in zip(chunk, new_tokens):
                 outputs[index] = tokenizer.decode(tokens, skip_special_tokens=True).strip()

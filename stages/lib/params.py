@@ -38,6 +38,8 @@ STAGE_PARAMS = {
     "clean": ("data", "clean"),
     "dedup": ("dedup",),
     "split": ("split",),
+    "replay": ("model", "train.replay", "train.quantization", "train.compute_dtype", "evaluate.batch_size",
+               "evaluate.probes"),
     "train": ("model", "train"),
     # Not `evaluate` as a whole: a judge or prefs key must never re-run generation (minutes).
     "evaluate_base": ("model", "evaluate.max_samples", "evaluate.max_new_tokens", "evaluate.batch_size",
@@ -148,12 +150,21 @@ class LoraParams(_Section):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+class ReplayParams(_Section):
+    # The base model's own answers to these general requests are mixed into training, so that the
+    # adapter keeps its general behaviour (stages/lib/replay.py). A path, as DVC tracks it.
+    prompts: str = "data/replay/prompts.txt"
+    # Share of the training rows that are replay rows; 0: train on the task rows alone.
+    share: float = Field(default=0.12, ge=0, lt=1)
+    max_new_tokens: int = Field(default=96, gt=0, le=1 << 20)
+
+
 class TrainParams(_Section):
     seed: int = Field(default=42, ge=0, le=MAX_SEED)
     epochs: float = Field(default=1.0, gt=0, le=10_000)
     max_steps: int = Field(default=240, ge=-1, le=BIG, description="-1: run `epochs` epochs")
     # Above 1 no optimiser here converges; a typo (2e4 for 2e-4) is caught instead of diverging.
-    learning_rate: float = Field(default=1e-3, gt=0, le=1)
+    learning_rate: float = Field(default=3e-4, gt=0, le=1)
     # transformers schedulers that need no extra arguments (the others need scheduler kwargs).
     lr_scheduler: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
                           "constant_with_warmup", "inverse_sqrt"] = "cosine"
@@ -180,6 +191,7 @@ class TrainParams(_Section):
     # own per-layer forward.
     fused_lora: Optional[bool] = None
     lora: LoraParams = LoraParams()
+    replay: ReplayParams = ReplayParams()
     logging_steps: int = Field(default=5, gt=0, le=BIG)
     save_steps: int = Field(default=40, gt=0, le=BIG)
     save_total_limit: int = Field(default=2, gt=0, le=1000)

@@ -65,27 +65,6 @@ def peak_rss_mib() -> float:
     return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)  # bytes on macOS, KiB on Linux
 
 
-def return_freed_memory_promptly() -> bool:
-    """Ask glibc to serve blocks of 128 KiB and more with mmap and to give freed memory back.
-
-    By default glibc raises its mmap threshold up to 32 MiB as large blocks are freed, after which
-    tensors of a few MiB come from the heap, where freed ones stay resident and fragment: training
-    the default model on CPU kept about 1 GB more resident per step that way (bench/NOTES.md, CPU
-    section). A no-op where glibc is not the allocator."""
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, 128 * 1024)) and bool(mallopt(m_trim_threshold, 128 * 1024))
-
-
 def _close_progress_bars() -> None:
     """Close the progress bars an exception left open (the Trainer's, generation's), so the
     one-line message starts on a line of its own instead of after a half-drawn bar."""
@@ -102,8 +81,12 @@ def _close_progress_bars() -> None:
 def run_stage(name: str, main: Callable[..., int | None], argv: list[str] | None = None) -> int:
     """Run `main(argv)` (or `main()` when argv is None) and turn its outcome into an exit status.
 
-    `--debug` is taken out of argv before `main` sees it."""
-    return_freed_memory_promptly()
+    `--debug` is taken out of argv before `main` sees it.
+
+    glibc's allocator is left as it is: capping its mmap threshold (to return freed tensors to the
+    system at once) saved about 200 MiB of peak RSS in training but made every large allocation a
+    fresh, zero-filled mapping, and halved the speed of CPU training and generation
+    (bench/NOTES.md, CPU section)."""
     debug = debug_requested(argv)
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:

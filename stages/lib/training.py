@@ -15,6 +15,7 @@ from pathlib import Path
 from stages.lib.chat import tokenize_conversation
 from stages.lib.io import read_jsonl
 from stages.lib.packing import PACKED_ATTENTION, register_packed_attention, varlen_available
+from stages.lib.replay import mix_replay
 
 
 def supervision_stats(rows: list[dict], dropped: int) -> dict:
@@ -66,10 +67,10 @@ def no_supervision_message(stats: dict, max_length: int) -> str:
 # `fit_token_budget` to what the card's free memory holds.
 THROUGHPUT_TOKENS = 16384
 LOW_MEMORY_TOKENS = 6144
-# Packed tokens per micro-batch on CPU: enough rows for efficient bf16 products (3-4 of the sample's
-# ~140-token examples), few enough that the saved activations (about 1.5 MB per token for the
-# default model without LoRA dropout) keep the stage under 2 GB resident (bench/NOTES.md).
-CPU_TOKENS = 512
+# Packed tokens per micro-batch on CPU: enough rows for efficient bf16 products (2-3 of the sample's
+# ~140-token examples), few enough that the saved activations and the allocator's reuse of their
+# memory keep the stage near 2 GB resident (2,055 MiB peak at 384 tokens, 2,402 at 512: bench/NOTES.md).
+CPU_TOKENS = 384
 
 
 @dataclass(frozen=True)
@@ -433,8 +434,9 @@ def resolve_plan(train, model=None) -> TrainingPlan:
 
 
 def run_training(params, *, train_path: Path, validation_path: Path, adapter_dir: Path,
-                 live_dir: Path, checkpoint_root: Path) -> dict:
-    """Train a LoRA adapter on the train split; write the adapter; return the report dict."""
+                 live_dir: Path, checkpoint_root: Path, replay_path: Path | None = None) -> dict:
+    """Train a LoRA adapter on the train split (plus the base model's replay answers, at
+    train.replay.share of the rows: stages/lib/replay.py); write the adapter; return the report dict."""
     import os
 
     if (params.train.num_processes == 1 and "LOCAL_RANK" not in os.environ
@@ -467,6 +469,9 @@ def run_training(params, *, train_path: Path, validation_path: Path, adapter_dir
     validation_records = list(read_jsonl(validation_path)) if validation_path.exists() else []
     if not train_records:
         raise TrainError(f"{train_path} is empty: nothing to train on")
+    replay = list(read_jsonl(replay_path)) if replay_path is not None and replay_path.exists() else []
+    task_examples = len(train_records)
+    train_records, replay_copies = mix_replay(train_records, replay, train.replay.share)
     train_dataset, supervision = build_dataset(train_records, tokenizer, train.max_length)
     if supervision["supervised_tokens"] == 0:
         raise TrainError(no_supervision_message(supervision, train.max_length))
@@ -478,7 +483,7 @@ def run_training(params, *, train_path: Path, validation_path: Path, adapter_dir
         eval_dataset = None
 
     fingerprint = checkpoints.run_fingerprint(
-        [p for p in (train_path, validation_path) if p.exists()],
+        [p for p in (train_path, validation_path, replay_path) if p is not None and p.exists()],
         params.model.model_dump(), train.model_dump())
     run_dir = checkpoint_root / fingerprint
     checkpoints.prune_other_runs(checkpoint_root, keep=fingerprint)
@@ -524,6 +529,8 @@ def run_training(params, *, train_path: Path, validation_path: Path, adapter_dir
         "base": {k: v for k, v in identity.items() if k in ("revision", "commit", "sha256")},
         "steps": state.global_step, "epochs": round(state.epoch or 0, 4),
         "train_examples": len(train_dataset),
+        "task_examples": task_examples,
+        "replay": {"examples": len(replay), "copies": replay_copies, "rows": len(replay) * replay_copies},
         "dropped_by_truncation": supervision["dropped_no_assistant_token"],
         "supervised_share_mean": supervision["supervised_share_mean"],
         "supervised_share_min": supervision["supervised_share_min"],
