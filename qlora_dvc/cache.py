@@ -1,7 +1,7 @@
 """The shared DVC cache for CI (and for a team): set up the remote and check that it answers.
 
     qlora-dvc cache check [--url URL]   # configure (when given a URL) and check the default remote
-    qlora-dvc cache push                # dvc push --run-cache: outputs and the run-cache
+    qlora-dvc cache push                # dvc push --run-cache, and the uncached outputs it leaves out
 
 `check` never fails the build for a missing or unreachable remote: it says so in one clear line
 (a GitHub `::warning::` in Actions) and answers "enabled=false", and the pipeline then runs every
@@ -115,6 +115,42 @@ def check(url: str | None) -> bool:
     return True
 
 
+def uncached_output_objects(repo) -> set:
+    """The cache objects of the `cache: false` outputs in dvc.lock (metrics, plots, reports), with
+    the files of directory outputs, that the local cache holds (the run-cache commits them there
+    when a stage runs)."""
+    from dvc_data.hashfile.tree import Tree
+
+    odb = repo.cache.local
+    objects = set()
+    for stage in repo.index.stages:
+        for out in stage.outs:
+            info = out.hash_info
+            if out.use_cache or not info or not info.value or not odb.exists(info.value):
+                continue
+            objects.add(info)
+            if info.isdir:
+                objects |= {oid for _, _, oid in Tree.load(odb, info)}
+    return objects
+
+
+def push_uncached_outputs() -> tuple[int, int]:
+    """Push the uncached outputs' objects to the default remote; return (transferred, failed).
+
+    `dvc push --run-cache` pushes the run-cache entries and the cached outputs, not the outputs
+    with `cache: false` that the entries also record; a fresh clone's `dvc repro --pull` then finds
+    those missing and re-runs the stage (every stage here writes its metrics uncached, so all of
+    them would re-run: treeverse/dvc#5749). Pushed too, each stage is restored instead."""
+    from dvc.repo import Repo
+
+    with Repo(".") as repo:
+        objects = uncached_output_objects(repo)
+        if not objects:
+            return 0, 0
+        result = repo.cloud.push(objects)
+        return len(result.transferred), len(result.failed)
+
+
 def push() -> int:
     if default_remote() is None:
         _say("notice", "no DVC remote configured: nothing pushed")
@@ -126,7 +162,17 @@ def push() -> int:
         _say("warning", f"dvc push --run-cache failed: {errors[0] if errors else done.returncode}")
         return 1
     lines = (done.stdout or "").strip().splitlines()
-    print(lines[-1] if lines else "pushed")
+    try:
+        transferred, failed = push_uncached_outputs()
+    except Exception as exc:  # noqa: BLE001 - DVC's errors are many; the message says what failed
+        _say("warning", f"pushing the uncached outputs (metrics, plots) failed: {exc}; a fresh clone's "
+                        "dvc repro --pull will re-run the stages that wrote them")
+        return 1
+    if failed:
+        _say("warning", f"{failed} uncached output object(s) could not be pushed; the stages that wrote "
+                        "them will re-run in a fresh clone")
+        return 1
+    print((lines[-1] if lines else "pushed") + f"; {transferred} uncached output object(s) pushed")
     return 0
 
 
