@@ -20,8 +20,10 @@ pytestmark = pytest.mark.slow
 TINY = {
     "split": {"validation_fraction": 0.0},  # 60 rows: too few for a validation split
     # nf4 on purpose: QLoRA on every architecture (on CPU the default, quantization auto, is none).
+    # No replay: the masks are checked on the sample's rows (prompts longer than the JSON answers),
+    # and a tiny random model's replay answers would be 96 tokens of noise.
     "train": {"quantization": "nf4", "max_steps": 2, "batch_size": 4, "save_steps": 2, "eval_steps": 2, "logging_steps": 1,
-              "max_length": 192},
+              "max_length": 192, "replay.share": 0.0},
     "evaluate": {"max_samples": 2, "max_new_tokens": 8, "batch_size": 8, "n_samples": 1, "gates": []},
     # f32: llama.cpp must then give exactly transformers' greedy tokens.
     "export": {"gguf": "f32", "check_prompts": 2, "check_max_new_tokens": 12},
