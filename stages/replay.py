@@ -57,8 +57,11 @@ def main() -> int:
         print(f"replay: {settings.prompts} not found (train.replay.prompts; train.replay.share 0 turns replay off)",
               file=sys.stderr)
         return 1
-    except (ReplayError, ValueError, UnicodeDecodeError) as exc:
+    except ReplayError as exc:
         print(f"replay: train.replay.prompts {settings.prompts}: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # an unreadable prompt, probe or test file (UnicodeDecodeError too)
+        print(f"replay: {exc}", file=sys.stderr)
         return 1
 
     from stages.lib.generation import generate, load_for_inference
