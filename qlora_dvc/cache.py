@@ -116,21 +116,31 @@ def check(url: str | None) -> bool:
 
 
 def uncached_output_objects(repo) -> set:
-    """The cache objects of the `cache: false` outputs in dvc.lock (metrics, plots, reports), with
-    the files of directory outputs, that the local cache holds (the run-cache commits them there
-    when a stage runs)."""
+    """The cache objects of every output recorded in dvc.lock and in the local run-cache entries
+    (a stage that ran several times has several), with the files of directory outputs, that the
+    local cache holds. The run-cache commits a stage's `cache: false` outputs there when it runs,
+    and a run-cache restore may pick any entry of the stage."""
+    import yaml
+    from dvc_data.hashfile.hash_info import HashInfo
     from dvc_data.hashfile.tree import Tree
 
     odb = repo.cache.local
-    objects = set()
-    for stage in repo.index.stages:
-        for out in stage.outs:
-            info = out.hash_info
-            if out.use_cache or not info or not info.value or not odb.exists(info.value):
+    infos = [out.hash_info for stage in repo.index.stages for out in stage.outs if not out.use_cache]
+    runs = Path(repo.cache.legacy.path) / "runs" if repo.cache.legacy else None
+    if runs is not None and runs.is_dir():
+        for entry in runs.glob("*/*/*"):
+            try:
+                recorded = yaml.safe_load(entry.read_text(encoding="utf-8")) or {}
+            except (OSError, yaml.YAMLError):
                 continue
-            objects.add(info)
-            if info.isdir:
-                objects |= {oid for _, _, oid in Tree.load(odb, info)}
+            infos += [HashInfo("md5", out["md5"]) for out in recorded.get("outs", []) if out.get("md5")]
+    objects = set()
+    for info in infos:
+        if not info or not info.value or not odb.exists(info.value):
+            continue
+        objects.add(info)
+        if info.isdir:
+            objects |= {oid for _, _, oid in Tree.load(odb, info)}
     return objects
 
 
