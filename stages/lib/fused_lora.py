@@ -83,6 +83,37 @@ def _dequantize(base):
     return weight
 
 
+def _lora_backward(ctx, src, xa, a_cat, b_scaled, grads, grad_x):
+    """The LoRA part of a fused group's backward, shared by both paths: each B's gradient, the
+    concatenated A's gradient, and the input gradient of the LoRA term, accumulated into the
+    frozen path's `grad_x` (or the dropout input's own gradient). Returns (grad_x, grad_x_lora,
+    grad_a, grad_b)."""
+    import torch
+
+    grad_x_lora = grad_a = None
+    grad_b = [None] * len(b_scaled)
+    pieces, offset = [], 0
+    for index, (b, g) in enumerate(zip(b_scaled, grads)):
+        rank = b.shape[1]
+        if g is None:
+            pieces.append(torch.zeros(src.shape[0], rank, dtype=src.dtype, device=src.device))
+        else:
+            g = g if g.stride(-1) == 1 else g.contiguous()
+            pieces.append(g @ b)                                      # (M, r_i)
+            if ctx.needs_input_grad[4 + index]:
+                grad_b[index] = g.t() @ xa[:, offset:offset + rank]
+        offset += rank
+    gb = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+    if ctx.needs_input_grad[2]:
+        grad_a = gb.t() @ src
+    if ctx.lora_separate:
+        if ctx.needs_input_grad[1]:
+            grad_x_lora = gb @ a_cat
+    elif ctx.needs_input_grad[0]:
+        grad_x = gb @ a_cat if grad_x is None else grad_x.addmm_(gb, a_cat)
+    return grad_x, grad_x_lora, grad_a, grad_b
+
+
 def _make_function():
     import torch
 
@@ -114,39 +145,19 @@ def _make_function():
         @staticmethod
         def backward(ctx, *grads):
             src, xa, a_cat, *b_scaled = ctx.saved_tensors
-            group = ctx.group
-            grad_x = grad_x_lora = grad_a = None
-            grad_b = [None] * len(b_scaled)
-            pieces, offset = [], 0
-            for index, (base, b, g) in enumerate(zip(group.bases, b_scaled, grads)):
-                rank = b.shape[1]
-                if g is None:
-                    pieces.append(torch.zeros(src.shape[0], rank, dtype=src.dtype, device=src.device))
-                    offset += rank
-                    continue
-                g = g if g.stride(-1) == 1 else g.contiguous()
-                pieces.append(g @ b)                                  # (M, r_i)
-                if ctx.needs_input_grad[4 + index]:
-                    grad_b[index] = g.t() @ xa[:, offset:offset + rank]
-                offset += rank
-                if ctx.needs_input_grad[0]:
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                for base, g in zip(ctx.group.bases, grads):
+                    if g is None:
+                        continue
+                    g = g if g.stride(-1) == 1 else g.contiguous()
                     weight = _dequantize(base).to(g.dtype)
                     if grad_x is None:
                         grad_x = g @ weight
                     else:
                         grad_x.addmm_(g, weight)                      # accumulated, no separate add
                     del weight
-            gb = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
-            if ctx.needs_input_grad[2]:
-                grad_a = gb.t() @ src
-            if ctx.lora_separate:
-                if ctx.needs_input_grad[1]:
-                    grad_x_lora = gb @ a_cat
-            elif ctx.needs_input_grad[0]:
-                if grad_x is None:
-                    grad_x = gb @ a_cat
-                else:
-                    grad_x.addmm_(gb, a_cat)
+            grad_x, grad_x_lora, grad_a, grad_b = _lora_backward(ctx, src, xa, a_cat, b_scaled, grads, grad_x)
             return (grad_x, grad_x_lora, grad_a, None, *grad_b)
 
     return FusedLoRA4bit
@@ -181,35 +192,15 @@ def _make_bf16_function():
         @staticmethod
         def backward(ctx, *grads):
             src, xa, a_cat, *b_scaled = ctx.saved_tensors
-            grad_x = grad_x_lora = grad_a = None
-            grad_b = [None] * len(b_scaled)
-            pieces, frozen, offset = [], [], 0
-            for index, (base, b, g) in enumerate(zip(ctx.group.bases, b_scaled, grads)):
-                rank = b.shape[1]
-                if g is None:
-                    pieces.append(torch.zeros(src.shape[0], rank, dtype=src.dtype, device=src.device))
-                    offset += rank
-                    continue
-                g = g if g.stride(-1) == 1 else g.contiguous()
-                pieces.append(g @ b)                                  # (M, r_i) fp32
-                if ctx.needs_input_grad[4 + index]:
-                    grad_b[index] = g.t() @ xa[:, offset:offset + rank]
-                offset += rank
-                frozen.append((g, base.weight))
+            grad_x = None
+            frozen = [(g, base.weight) for base, g in zip(ctx.group.bases, grads) if g is not None]
             if ctx.needs_input_grad[0] and frozen:
                 # The frozen path's input gradient: one bf16 GEMM over the group's concatenated
                 # output gradients and weights (the weights are small next to the activations).
                 g_cat = frozen[0][0] if len(frozen) == 1 else torch.cat([g for g, _ in frozen], dim=1)
                 w_cat = frozen[0][1] if len(frozen) == 1 else torch.cat([w for _, w in frozen], dim=0)
                 grad_x = (g_cat.to(torch.bfloat16) @ w_cat).to(src.dtype)
-            gb = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
-            if ctx.needs_input_grad[2]:
-                grad_a = gb.t() @ src
-            if ctx.lora_separate:
-                if ctx.needs_input_grad[1]:
-                    grad_x_lora = gb @ a_cat
-            elif ctx.needs_input_grad[0]:
-                grad_x = gb @ a_cat if grad_x is None else grad_x.addmm_(gb, a_cat)
+            grad_x, grad_x_lora, grad_a, grad_b = _lora_backward(ctx, src, xa, a_cat, b_scaled, grads, grad_x)
             return (grad_x, grad_x_lora, grad_a, None, *grad_b)
 
     return FusedLoRAFrozenBF16
