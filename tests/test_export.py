@@ -18,7 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import chat_families
+from ollama_template import GoTemplateError, ollama_prompt, parse_modelfile
+from ollama_template import render as render_go
+from stages.lib.chat import end_of_turn_ids
 from stages.lib.export import modelfile_text, permute_qk
+from test_chat_families import SHAPES
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["What is the capital of France?", "Write one sentence about the sea.", "List three colours."]
@@ -30,6 +35,7 @@ LORA_B_STD = 0.01
 # output is not compared token for token: one flipped near-tie changes everything after it.
 Q8_MAX_TOKENS = 16
 Q8_MIN_AGREEMENT = 0.8
+FAMILIES = chat_families()
 
 
 def _conversation(prompt: str) -> list[dict]:
@@ -84,6 +90,105 @@ def test_modelfile_has_template_system_and_stop_tokens(smollm2_tokenizer):
     assert 'PARAMETER stop "<|im_end|>"' in text
     assert "TEMPLATE" in text and "<|im_start|>{{ .Role }}" in text and "<|im_start|>assistant" in text
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in text
+
+
+# The chat shapes of tests/test_chat_families.py, cut before the last reply (the prompt the model
+# answers), and one more user turn, so that a turn that is neither the first nor the last is seen.
+OLLAMA_SHAPES = {**{name: chat[:-1] for name, chat in SHAPES.items()},
+                 "three_user_turns": [*SHAPES["multi_turn"], {"role": "user", "content": "It still reboots."}]}
+
+
+@pytest.mark.parametrize("shape", sorted(OLLAMA_SHAPES))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_ollama_template_renders_the_training_prompt(family_tokenizer, family, shape):
+    """The Modelfile's TEMPLATE (a Go template: Ollama runs no Jinja), rendered as Ollama renders
+    it (SYSTEM line, collated messages), gives exactly the prompt training and generation use,
+    for every chat-template family. The GGUF here does not add BOS, so the template writes it."""
+    from stages.lib.chat import render_prompt
+    from stages.lib.export import build_modelfile
+
+    tokenizer, messages = family_tokenizer(family), OLLAMA_SHAPES[shape]
+    text, report = build_modelfile("model-f16.gguf", tokenizer, add_bos=False)
+    modelfile = parse_modelfile(text)
+    assert modelfile["template"] and report["template"] and "warnings" not in report
+    assert ollama_prompt(modelfile["template"], messages, modelfile["system"]) == render_prompt(tokenizer, messages)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_ollama_template_leaves_bos_to_a_gguf_that_adds_it(family_tokenizer, family):
+    """llama.cpp and Ollama put BOS in front of the prompt when the GGUF says add_bos_token, even
+    before a BOS the text already has: the template then leaves it out. A model whose training
+    prompts have no BOS gets a warning instead (the template cannot take away what Ollama adds)."""
+    from stages.lib.chat import render_prompt
+    from stages.lib.export import build_modelfile
+
+    tokenizer, messages, bos = family_tokenizer(family), OLLAMA_SHAPES["multi_turn"], FAMILIES[family]["bos"]
+    text, report = build_modelfile("model-f16.gguf", tokenizer, add_bos=True)
+    modelfile = parse_modelfile(text)
+    rendered = ollama_prompt(modelfile["template"], messages, modelfile["system"])
+    prompt = render_prompt(tokenizer, messages)
+    if bos and prompt.startswith(bos):
+        assert bos + rendered == prompt and "warnings" not in report
+    else:
+        assert rendered == prompt and "add_bos_token" in report["warnings"][0]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_modelfile_stops_at_every_end_of_turn_token(family_tokenizer, family):
+    from stages.lib.export import OLLAMA_FORMATS, ollama_chat_format
+
+    tokenizer = family_tokenizer(family)
+    stops = parse_modelfile(modelfile_text("model-f16.gguf", tokenizer))["stops"]
+    assert set(tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer))) <= set(stops)
+    last = tokenizer(FAMILIES[family]["end_of_turn"], add_special_tokens=False)["input_ids"][-1]
+    assert tokenizer.convert_ids_to_tokens(last) in stops
+    # and the token that would open a made-up next user turn
+    assert ollama_chat_format(tokenizer)[-1] in stops and ollama_chat_format(tokenizer) in OLLAMA_FORMATS
+
+
+def test_unknown_chat_template_keeps_the_fallback_with_a_warning(smollm2_tokenizer):
+    from stages.lib.export import build_modelfile
+
+    other = copy.deepcopy(smollm2_tokenizer)
+    other.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|endoftext|>{% endfor %}"
+                           "{% if add_generation_prompt %}assistant: {% endif %}")
+    text, report = build_modelfile("model-f16.gguf", other)
+    assert 'TEMPLATE """' not in text and "# No TEMPLATE" in text
+    assert report["chat_format"] is None and "no Ollama TEMPLATE" in report["warnings"][0]
+    assert 'PARAMETER stop "<|endoftext|>"' in text
+
+
+@pytest.mark.parametrize("template", [
+    '{{ printf "%s" .Content }}', "{{ with .System }}x{{ end }}", "{{ .System | len }}", "{{/* note */}}",
+    "{{ range .Messages }}x{{ else }}y{{ end }}", "{{ if .System }}x", "x{{ end }}", '{{ template "t" }}',
+    "{{ .Nothing }}", "{{ $undeclared }}", "{{ range .System }}{{ end }}"])
+def test_go_evaluator_refuses_what_it_does_not_know(template):
+    with pytest.raises(GoTemplateError):
+        render_go(template, {"System": "s", "Messages": []})
+
+
+def test_go_evaluator_trims_and_scopes_as_go_does():
+    data = {"System": "", "Messages": [{"Role": "user", "Content": "a"}, {"Role": "assistant", "Content": "b"}]}
+    assert render_go('x \n {{- "y" -}} \n z', data) == "xyz"
+    template = ('{{ $first := true }}{{ range $i, $_ := .Messages }}{{ if $first }}[{{ $first = false }}{{ end }}'
+                '{{ .Content }}{{ if eq (len (slice $.Messages $i)) 1 }}!{{ else if not $.System }}.{{ end }}{{ end }}')
+    assert render_go(template, data) == "[a.b!"
+
+
+def test_gguf_add_bos_flag_is_read(tmp_path):
+    import gguf
+
+    from stages.lib.export import gguf_adds_bos
+
+    for name, flag in (("yes.gguf", True), ("no.gguf", False), ("unsaid.gguf", None)):
+        writer = gguf.GGUFWriter(str(tmp_path / name), "llama")
+        if flag is not None:
+            writer.add_add_bos_token(flag)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        assert gguf_adds_bos(tmp_path / name) is flag
 
 
 def test_export_disabled_writes_placeholders(tmp_path, monkeypatch):

@@ -339,7 +339,7 @@ def write_gguf(model_dir: Path, out_path: Path, gguf_type: str, *, tokenizer_pre
     # Whether the tokenizer itself adds bos/eos, measured rather than read from a config key.
     plain = tokenizer("x", add_special_tokens=False)["input_ids"]
     full = tokenizer("x")["input_ids"]
-    writer.add_add_bos_token(len(full) > len(plain) and full[0] == tokenizer.bos_token_id)
+    writer.add_add_bos_token(tokenizer_adds_bos(tokenizer))
     writer.add_add_eos_token(len(full) > len(plain) and full[-1] == tokenizer.eos_token_id)
     writer.add_chat_template(tokenizer.chat_template)
 
@@ -388,33 +388,244 @@ def default_system_prompt(tokenizer) -> str | None:
     return None
 
 
-# Ollama's Go template for ChatML. A system message (the SYSTEM line's default, or the user's)
-# arrives in .Messages like any other, so one loop renders what the HF template renders.
-OLLAMA_CHATML = '''TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}
-{{ .Content }}<|im_end|>
-{{ end }}<|im_start|>assistant
-"""'''
+# ---- The Ollama Modelfile ----------------------------------------------------------------------
+#
+# Ollama does not run the Jinja chat template: its TEMPLATE is a Go text/template over the chat's
+# messages, and without one Ollama guesses a template from the GGUF's. The TEMPLATE written here
+# is built from the model's own chat template: the chat format is recognised by its control
+# tokens, and the text around each turn is read off `render_prompt` (the prompt exactly as
+# training, evaluation and generation see it) on probe chats, so what the template adds on its
+# own is copied as it writes it: a default system prompt, Llama 3.1's date header, Command R7B's
+# preamble, GPT-OSS's system message, Qwen3's and GLM's empty think block, R7B's
+# <|START_RESPONSE|>, GPT-OSS's final channel. The pieces are then checked to rebuild
+# `render_prompt` exactly on chats of one, two and three user turns, with and without a system
+# prompt; a chat template of no format known here, or one the pieces do not rebuild, gets no
+# TEMPLATE and a warning. A template that writes today's date (GPT-OSS, Mistral Small 3.x) gets
+# the export date. tests/test_export.py renders every emitted TEMPLATE with a Go-template
+# evaluator and compares it with `render_prompt` for every chat-template family.
+#
+# BOS: llama.cpp and Ollama put the BOS token in front of every prompt when the GGUF's
+# tokenizer.ggml.add_bos_token says so, even a prompt whose text starts with it (they log a
+# warning and the prompt has two). So the TEMPLATE leaves out the BOS text that `render_prompt`
+# starts with when the GGUF adds BOS, and writes it when the GGUF does not (Ollama parses it as the
+# special token). A GGUF that adds BOS to a model whose prompts have none gets a warning.
+
+# Probe contents: letters only, so no template trims, escapes or splits them.
+_SYS, _ONE, _REPLY1, _TWO, _REPLY2, _THREE = (f"QZX{name}QZX" for name in
+                                              ("SYSTEM", "USERONE", "REPLYONE", "USERTWO", "REPLYTWO", "USERTHREE"))
+_CHATML_TURN = "<|im_start|>{role}\n{content}<|im_end|>\n"
+
+# The chat formats, most specific first: name, the markers that must all be in the chat template,
+# the text that opens a user turn ("roles": ChatML, one loop over every role), the text that opens
+# an assistant turn (None: none, the reply follows the user turn's close), and the stop string for
+# a made-up next turn.
+OLLAMA_FORMATS = (
+    ("phi4", ("<|im_sep|>",), "<|im_start|>user", "<|im_start|>assistant", "<|im_start|>"),
+    ("gpt-oss", ("<|channel|>",), "<|start|>user", "<|start|>assistant", "<|start|>"),
+    ("command-r", ("<|CHATBOT_TOKEN|>",), "<|START_OF_TURN_TOKEN|><|USER_TOKEN|>",
+     "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>", "<|START_OF_TURN_TOKEN|>"),
+    ("glm4", ("[gMASK]",), "<|user|>", "<|assistant|>", "<|user|>"),
+    ("deepseek", ("<\uff5cAssistant\uff5c>",), "<\uff5cUser\uff5c>", "<\uff5cAssistant\uff5c>", "<\uff5cUser\uff5c>"),
+    ("llama3", ("<|start_header_id|>",), "<|start_header_id|>user", "<|start_header_id|>assistant",
+     "<|start_header_id|>"),
+    ("mistral-system-prompt", ("[SYSTEM_PROMPT]", "[INST]"), "[INST]", None, "[INST]"),
+    ("mistral", ("[INST]",), "[INST]", None, "[INST]"),
+    ("gemma", ("<start_of_turn>",), "<start_of_turn>user", "<start_of_turn>model", "<start_of_turn>"),
+    ("phi3", ("<|assistant|>", "<|end|>"), "<|user|>", "<|assistant|>", "<|user|>"),
+    ("lfm2", ("<|im_start|>", "<|tool_list_start|>"), "roles", None, "<|im_start|>"),
+    ("chatml", ("<|im_start|>",), "roles", None, "<|im_start|>"),
+)
 
 
-def modelfile_text(gguf_name: str, tokenizer) -> str:
-    """An Ollama Modelfile: the GGUF, the chat template and the stop tokens."""
+def ollama_chat_format(tokenizer) -> tuple | None:
+    """The entry of OLLAMA_FORMATS the tokenizer's chat template belongs to, or None."""
+    template = tokenizer.chat_template or ""
+    return next((f for f in OLLAMA_FORMATS if all(marker in template for marker in f[1])), None)
+
+
+def _probe_chats() -> list[list[dict]]:
+    turns = [{"role": "user", "content": _ONE}, {"role": "assistant", "content": _REPLY1},
+             {"role": "user", "content": _TWO}, {"role": "assistant", "content": _REPLY2},
+             {"role": "user", "content": _THREE}]
+    system = [{"role": "system", "content": _SYS}]
+    return [chat for n in (1, 3, 5) for chat in (turns[:n], system + turns[:n])]
+
+
+def _template_pieces(tokenizer, user_mark: str, assistant_mark: str | None) -> dict:
+    """The text around each turn, read off two renderings (a ValueError when a piece is not
+    where the format puts it). mode: where a system prompt goes: "head" (a block before the first
+    turn), "first_user" or "last_user" (folded into that turn, as Gemma and Mistral v0.3 do)."""
+    from stages.lib.chat import render_prompt
+
+    def user(text):
+        return {"role": "user", "content": text}
+
+    if user_mark == "roles":  # ChatML: every message as <|im_start|>role ... <|im_end|>
+        text = render_prompt(tokenizer, [user(_ONE)])
+        end = text.index(_ONE) + len(_ONE) + len("<|im_end|>\n")
+        prefix = text[:text.index("<|im_start|>")]
+        if prefix not in ("", tokenizer.bos_token):
+            raise ValueError("the prompt starts with something other than BOS")
+        return {"mode": "roles", "prefix": prefix, "opener": text[end:]}
+    chat = [user(_ONE), {"role": "assistant", "content": _REPLY1}, user(_TWO)]
+    plain = render_prompt(tokenizer, chat)
+    one, reply, two = plain.index(_ONE), plain.index(_REPLY1), plain.index(_TWO)
+    start = plain.rindex(user_mark, 0, one)
+    user_open, between, after = plain[start:one], plain[one + len(_ONE):reply], plain[reply + len(_REPLY1):two]
+    cut = between.index(assistant_mark) if assistant_mark else len(between)
+    pieces = {"head": plain[:start], "user_open": user_open, "user_close": between[:cut],
+              "assistant_open": between[cut:], "assistant_close": after[:len(after) - len(user_open)],
+              "opener": plain[two + len(_TWO) + cut:], "sys_pre": "", "sys_post": "", "fold_pre": "",
+              "fold_post": ""}
+    text = render_prompt(tokenizer, [{"role": "system", "content": _SYS}, *chat])
+    at, one, two = text.index(_SYS), text.index(_ONE), text.index(_TWO)
+    first, last = text.rindex(user_mark, 0, one), text.rindex(user_mark, 0, two)
+    if at < first:
+        pieces["mode"] = "head"
+        pieces["sys_pre"], _, pieces["sys_post"] = text[:first].partition(_SYS)
+    elif at < one:
+        pieces["mode"] = "first_user"
+        pieces["fold_pre"], _, pieces["fold_post"] = text[first + len(user_open):one].partition(_SYS)
+    elif last < at < two:
+        pieces["mode"] = "last_user"
+        pieces["fold_pre"], _, pieces["fold_post"] = text[last + len(user_open):two].partition(_SYS)
+    else:
+        raise ValueError("the system prompt is not before a user turn")
+    bos = tokenizer.bos_token or ""
+    heads = [pieces["head"], *([pieces["sys_pre"]] if pieces["mode"] == "head" else [])]
+    pieces["prefix"] = bos if bos and all(h.startswith(bos) for h in heads) else ""
+    pieces["head"] = pieces["head"][len(pieces["prefix"]):]
+    if pieces["mode"] == "head":
+        pieces["sys_pre"] = pieces["sys_pre"][len(pieces["prefix"]):]
+    return pieces
+
+
+def _rebuild(pieces: dict, messages: list[dict], default_system: str | None) -> str:
+    """What the TEMPLATE of `_go_template` renders for `messages` as Ollama hands them over (the
+    SYSTEM line's prompt in front of a chat without one; every system prompt, joined, in
+    $.System), with the BOS text: its Python mirror, to check the pieces before writing them."""
+    if default_system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": default_system}, *messages]
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    mode, out = pieces["mode"], pieces["prefix"]
+    if mode == "roles":
+        return out + "".join(_CHATML_TURN.format(**m) for m in messages) + pieces["opener"]
+    out += pieces["sys_pre"] + system + pieces["sys_post"] if system and mode == "head" else pieces["head"]
+    first = True
+    for i, m in enumerate(messages):
+        if m["role"] == "user":
+            fold = system and ((mode == "first_user" and first) or (mode == "last_user" and i == len(messages) - 1))
+            out += (pieces["user_open"] + (pieces["fold_pre"] + system + pieces["fold_post"] if fold else "")
+                    + m["content"] + pieces["user_close"])
+            first = False
+        elif m["role"] == "assistant":
+            out += pieces["assistant_open"] + m["content"] + pieces["assistant_close"]
+    return out + pieces["opener"]
+
+
+def _go_template(pieces: dict, prefix: str) -> str:
+    """The Go text/template (Ollama's TEMPLATE) that renders the pieces; `prefix` is the BOS text
+    or nothing. Literal text is never followed by a trimming "{{-", which would eat its newlines."""
+    mode, p = pieces["mode"], pieces
+    if mode == "roles":
+        return (prefix + "{{ range .Messages }}" + _CHATML_TURN.format(role="{{ .Role }}", content="{{ .Content }}")
+                + "{{ end }}" + p["opener"])
+    if mode == "head":
+        head = (f'{prefix}{{{{ if $.System }}}}{p["sys_pre"]}{{{{ $.System }}}}{p["sys_post"]}'
+                f'{{{{ else }}}}{p["head"]}{{{{ end }}}}\n{{{{- range $i, $_ := .Messages }}}}\n')
+        fold = ""
+    elif mode == "first_user":
+        head = f"{prefix}{p['head']}{{{{ $first := true }}}}\n{{{{- range $i, $_ := .Messages }}}}\n"
+        fold = (f'{{{{ if $first }}}}{{{{ if $.System }}}}{p["fold_pre"]}{{{{ $.System }}}}{p["fold_post"]}'
+                f'{{{{ end }}}}{{{{ $first = false }}}}{{{{ end }}}}')
+    else:  # last_user: the last message, the user turn the reply answers
+        head = f"{prefix}{p['head']}{{{{ range $i, $_ := .Messages }}}}\n"
+        fold = (f'{{{{ if and $.System (eq (len (slice $.Messages $i)) 1) }}}}{p["fold_pre"]}{{{{ $.System }}}}'
+                f'{p["fold_post"]}{{{{ end }}}}')
+    return (head + f'{{{{- if eq .Role "user" }}}}{p["user_open"]}{fold}{{{{ .Content }}}}{p["user_close"]}'
+            f'{{{{ else if eq .Role "assistant" }}}}{p["assistant_open"]}{{{{ .Content }}}}{p["assistant_close"]}'
+            f'{{{{ end }}}}\n{{{{- end }}}}{p["opener"]}')
+
+
+def ollama_template(tokenizer, *, add_bos: bool) -> dict:
+    """The Modelfile's chat part for this tokenizer: format (name or None), template (the Go
+    template, or None where none is written), system (the SYSTEM line's default prompt or None),
+    stops (stop strings) and warnings. add_bos: whether the GGUF makes llama.cpp/Ollama put
+    BOS in front of every prompt."""
+    from stages.lib.chat import render_prompt
+
+    stops = tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer))
+    result = {"format": None, "template": None, "system": None, "stops": stops, "warnings": []}
+    fmt = ollama_chat_format(tokenizer)
+    if fmt is None:
+        result["warnings"].append("no Ollama TEMPLATE written: the chat template is of no format known to "
+                                  "stages/lib/export.py (OLLAMA_FORMATS); Ollama guesses one from the GGUF's")
+        return result
+    name, _, user_mark, assistant_mark, next_turn = fmt
+    system = default_system_prompt(tokenizer) if user_mark == "roles" else None
+    try:
+        pieces = _template_pieces(tokenizer, user_mark, assistant_mark)
+        wrong = [chat for chat in _probe_chats() if _rebuild(pieces, chat, system) != render_prompt(tokenizer, chat)]
+    except ValueError as exc:
+        wrong, pieces = [str(exc)], {}
+    literal = [v for v in pieces.values() if "{{" in v or '"""' in v]
+    if wrong or literal:
+        result["warnings"].append(f"no Ollama TEMPLATE written: the {name} chat format's pieces do not rebuild this "
+                                  "chat template's prompts exactly (or hold {{ or \"\"\"); Ollama guesses one from "
+                                  "the GGUF's")
+        return result
+    bos = tokenizer.bos_token
+    if add_bos and not pieces["prefix"] and bos:
+        result["warnings"].append(f"the GGUF makes llama.cpp and Ollama put {bos} in front of every prompt "
+                                  "(tokenizer.ggml.add_bos_token), which the training prompts do not start with")
+    result.update(format=name, template=_go_template(pieces, "" if add_bos else pieces["prefix"]), system=system,
+                  stops=[*stops, next_turn])
+    return result
+
+
+def build_modelfile(gguf_name: str, tokenizer, *, add_bos: bool = False) -> tuple[str, dict]:
+    """An Ollama Modelfile (the GGUF, the chat template, the stop tokens) and what to report of it."""
+    chat = ollama_template(tokenizer, add_bos=add_bos)
     lines = ["# Ollama: ollama create my-model -f Modelfile && ollama run my-model",
              f"FROM ./{gguf_name}"]
-    template = tokenizer.chat_template or ""
-    stops = tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer))
-    if "<|im_start|>" in template:
-        lines.append(OLLAMA_CHATML)
-        system = default_system_prompt(tokenizer)
-        if system:
+    if chat["template"]:
+        bos = ("BOS: Ollama adds it, as the GGUF's add_bos_token says" if add_bos
+               else "BOS, where the prompt has one, in the template: the GGUF does not add it")
+        lines.append(f"# {chat['format']} chat format: the prompt exactly as in training ({bos}).")
+        lines.append(f'TEMPLATE """{chat["template"]}"""')
+        if chat["system"]:
             # The template adds this system prompt when none is given; so does the fine-tuning data.
-            lines.append(f'SYSTEM """{system}"""')
-        stops = [*stops, "<|im_start|>"]
+            lines.append(f'SYSTEM """{chat["system"]}"""')
     else:
         lines.append("# No TEMPLATE: Ollama takes the chat template from the GGUF metadata.")
-    for stop in dict.fromkeys(stops):
+    for stop in dict.fromkeys(chat["stops"]):
         lines.append(f'PARAMETER stop "{stop}"')
     lines.append("PARAMETER temperature 0")
-    return "\n".join(lines) + "\n"
+    report = {"chat_format": chat["format"], "template": bool(chat["template"]), "add_bos": add_bos}
+    if chat["warnings"]:
+        report["warnings"] = chat["warnings"]
+    return "\n".join(lines) + "\n", report
+
+
+def modelfile_text(gguf_name: str, tokenizer, *, add_bos: bool = False) -> str:
+    """An Ollama Modelfile: the GGUF, the chat template and the stop tokens."""
+    return build_modelfile(gguf_name, tokenizer, add_bos=add_bos)[0]
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer itself puts bos in front of a text, measured rather than read from a
+    config key."""
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x")["input_ids"]
+    return len(full) > len(plain) and full[0] == tokenizer.bos_token_id
+
+
+def gguf_adds_bos(path: Path) -> bool | None:
+    """The GGUF's tokenizer.ggml.add_bos_token, or None where the file does not say."""
+    import gguf
+
+    field = gguf.GGUFReader(str(path)).fields.get("tokenizer.ggml.add_bos_token")
+    return None if field is None else bool(field.parts[field.data[0]][0])
 
 
 def _tensor_types(path: Path) -> dict:
@@ -452,7 +663,15 @@ def export_gguf(merged_dir: Path, gguf_dir: Path, gguf_type: str, *, label: str)
             info = write_gguf(merged_dir, tmp / file_name, gguf_type, tokenizer_pre=builtin_tokenizer_pre(label),
                               name=f"{label}-merged")
             info["writer"] = "built-in (Llama architecture only; llama.cpp's converter is not installed)"
-        write_text(tmp / "Modelfile", modelfile_text(file_name, tokenizer))
+        # Whether llama.cpp and Ollama put BOS in front of each prompt: as the file says (or,
+        # where it does not say, as the tokenizer does).
+        add_bos = gguf_adds_bos(tmp / file_name)
+        if add_bos is None:
+            add_bos = tokenizer_adds_bos(tokenizer)
+        text, info["modelfile"] = build_modelfile(file_name, tokenizer, add_bos=add_bos)
+        write_text(tmp / "Modelfile", text)
+    for warning in info["modelfile"].get("warnings", []):
+        print(f"export: warning: {gguf_dir}/Modelfile: {warning}", file=sys.stderr)
     info["file"] = str(gguf_dir / file_name)
     return info
 
