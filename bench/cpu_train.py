@@ -167,9 +167,10 @@ def run_arm(arm: str, steps: int, examples: int) -> dict:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as output_dir:
         if name == "stage":
-            from stages.lib.stage import fix_allocator_thresholds
+            from stages.lib.stage import bound_onednn_cache, fix_allocator_thresholds
 
             fix_allocator_thresholds()  # as run_stage does for `python -m stages.train`
+            bound_onednn_cache()
             trainer, loaded_rss, extra = _stage_trainer(variant, train, records, output_dir)
         elif name == "trl":
             trainer, loaded_rss, extra = _trl_trainer(train, records, output_dir)

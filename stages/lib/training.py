@@ -317,6 +317,12 @@ def build_trainer(plan: TrainingPlan, train, *, model, tokenizer, train_dataset,
         from stages.lib.fused_lora import fuse_lora
 
         fuse_lora(trainer.model)
+    if not cuda:
+        # The SwiGLU activation recomputed in the backward instead of kept: on CPU the step's
+        # saved activations are most of the train stage's peak memory (stages/lib/swiglu.py).
+        from stages.lib.swiglu import recompute_swiglu
+
+        recompute_swiglu(trainer.model)
     if plan.compute_dtype == "fp32" or not cuda:
         # TRL stores LoRA weights of a quantised model in bf16 (the QLoRA paper's GPU recipe), and
         # PEFT gives new adapters the dtype of the layer they wrap (bf16 for the frozen bf16 layers
