@@ -12,7 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from stages.lib.io import OutputError, atomic_dir, read_json, read_jsonl, write_json, write_jsonl, write_text
+from stages.lib.io import (OutputError, ProbeError, atomic_dir, read_json, read_jsonl, read_probes, write_json,
+                           write_jsonl, write_text)
 from stages.lib.params import ParamsError, load_params
 
 TEST = Path("data/split/test.jsonl")
@@ -29,47 +30,6 @@ LOSS_MAX_TOKENS = 4096  # truncation for the reference-answer loss; long enough 
 
 class EvalError(RuntimeError):
     pass
-
-
-def _load_probes(setting: str) -> tuple[list[dict], str]:
-    """The probe set, checked: the folder is inside the project (as data.raw), every row has an
-    id, a prompt and a non-empty list of accepted answers."""
-    import json
-
-    from stages.lib.io import resolve_data_path
-
-    try:
-        folder = resolve_data_path(setting)
-    except ValueError as exc:
-        raise EvalError(f"evaluate.probes: {exc}") from None
-    questions = Path(setting) / "general.jsonl"
-    text = folder / "general_text.txt"
-    if not (folder / "general.jsonl").is_file():
-        raise EvalError(f"{questions} not found (evaluate.probes names the probe folder)")
-    probes, problems = [], []
-    with open(folder / "general.jsonl", encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                problems.append(f"line {number}: not JSON ({exc})")
-                continue
-            accept = row.get("accept") if isinstance(row, dict) else None
-            if not isinstance(row, dict) or not isinstance(row.get("id"), str) \
-                    or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-                problems.append(f"line {number}: needs a string id and a non-empty prompt")
-            elif not (isinstance(accept, list) and accept and all(isinstance(a, str) and a.strip() for a in accept)):
-                problems.append(f"line {number} ({row['id']}): needs \"accept\", a non-empty list of accepted answers")
-            else:
-                probes.append(row)
-    if problems:
-        raise EvalError(f"{questions}: {len(problems)} bad probe row(s): " + "; ".join(problems[:5])
-                        + (" ..." if len(problems) > 5 else "") + ' (each row: {"id", "prompt", "accept": [...]})')
-    if not probes:
-        raise EvalError(f"{questions} has no probes")
-    return probes, text.read_text(encoding="utf-8") if text.exists() else ""
 
 
 def _check_references(test: list[dict]) -> list[str]:
@@ -118,7 +78,10 @@ def evaluate_model(params, which: str) -> tuple[dict, list[dict], list[dict]]:
     if not test:
         raise EvalError(f"{TEST} is empty: nothing to evaluate on")
     references = _check_references(test)
-    probes, probe_text = _load_probes(settings.probes)
+    try:
+        probes, probe_text = read_probes(settings.probes)
+    except ProbeError as exc:
+        raise EvalError(str(exc)) from None
     if which == "tuned" and not (ADAPTER / "adapter_config.json").exists():
         raise EvalError(f"{ADAPTER}/adapter_config.json not found: run the train stage first")
 

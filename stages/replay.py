@@ -9,12 +9,11 @@ why). train.replay.share 0: an empty file, no model loaded, and training on the 
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
-from stages.lib.io import read_jsonl, resolve_data_path, write_json, write_jsonl
+from stages.lib.io import read_jsonl, read_probes, resolve_data_path, write_json, write_jsonl
 from stages.lib.params import load_params
 
 TEST = Path("data/split/test.jsonl")
@@ -26,11 +25,9 @@ def _protected_prompts(params) -> dict[str, list[str]]:
     """The prompts evaluation asks: the probes' and the test split's user turns."""
     from stages.lib.records import prompt_messages
 
-    probes_file = resolve_data_path(params.evaluate.probes) / "general.jsonl"
     probes = []
-    if probes_file.is_file():
-        with open(probes_file, encoding="utf-8", errors="replace") as handle:
-            probes = [json.loads(line).get("prompt", "") for line in handle if line.strip()]
+    if (resolve_data_path(params.evaluate.probes) / "general.jsonl").is_file():
+        probes = [row["prompt"] for row in read_probes(params.evaluate.probes)[0]]
     test = [m["content"] for r in read_jsonl(TEST) for m in prompt_messages(r) if m["role"] == "user"] \
         if TEST.exists() else []
     return {"probes": probes, "test split": test}

@@ -1,16 +1,16 @@
 """Stage `split`: assign whole groups of similar records to train/validation/test, then audit.
 
-    python -m stages.split        (from the project root; reads params `split`, dedup.num_perm,
-                                   dedup.shingle_size, dedup.seed)
+    python -m stages.split        (from the project root; reads params `split`)
 
 Streaming passes, holding a few hundred bytes per record in memory:
 1. data/dedup/records.jsonl, parsed once (in batches, by worker processes): ids, byte offsets,
-   prompt/answer keys, MinHash fingerprints (and LSH keys on large inputs), word counts; each
-   record's word hashes go to a temporary file. Then groups and sides (stages/lib/splitting.py) and the exact and near-duplicate
+   prompt/answer keys and word counts; each record's word hashes go to a temporary file. The
+   MinHash fingerprints are the ones dedup computed (data/dedup/signatures.npy, read, not
+   recomputed). Then groups and sides (stages/lib/splitting.py) and the exact and near-duplicate
    audit checks (stages/lib/audit.py);
 2. the word-hash file, twice per role: test rows' n-grams, then the other rows' (the n-gram audit);
-3. every record, in id order (sliced at its offset from the memory-mapped file), copied byte for
-   byte to its side's file.
+3. every record, in id order (read at its byte offset with `os.pread`), copied byte for byte to
+   its side's file.
 reports/split.json holds the counts and the audit; above split.max_leakage leaked pairs the
 stage fails and names them (the outputs are still written, to inspect).
 """

@@ -102,3 +102,30 @@ def test_dumps_record_falls_back_to_json_for_what_orjson_refuses():
     line.encode("utf-8")
     assert json.loads(line) == lone
     assert json.loads(dumps_record({"x": 0.8125, "y": 1.0})) == {"x": 0.8125, "y": 1.0}
+
+
+def test_read_probes_reports_every_bad_row_with_its_line(tmp_path, monkeypatch):
+    from stages.lib.io import ProbeError, read_probes
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "probes"
+    folder.mkdir()
+    (folder / "general.jsonl").write_text(
+        '{"id": "a", "prompt": "2+2?", "accept": ["4"]}\n'
+        'not json\n'
+        '{"id": "b", "prompt": "x", "accept": []}\n', encoding="utf-8")
+    with pytest.raises(ProbeError) as caught:
+        read_probes("probes")
+    message = str(caught.value)
+    assert "2 bad probe row(s)" in message and "line 2: not JSON" in message and "line 3 (b)" in message
+
+
+def test_read_probes_returns_rows_and_text(tmp_path, monkeypatch):
+    from stages.lib.io import read_probes
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "probes").mkdir()
+    (tmp_path / "probes" / "general.jsonl").write_text('{"id": "a", "prompt": "2+2?", "accept": ["4"]}\n')
+    (tmp_path / "probes" / "general_text.txt").write_text("Some text.")
+    probes, text = read_probes("probes")
+    assert [p["id"] for p in probes] == ["a"] and text == "Some text."

@@ -265,3 +265,46 @@ def is_allowed_path(resolved: Path, root: Path, allowed_roots=()) -> bool:
         if resolved == base or base in resolved.parents:
             return True
     return False
+
+
+class ProbeError(ValueError):
+    """The probe set is missing or malformed."""
+
+
+def read_probes(setting: str) -> tuple[list[dict], str]:
+    """The probe set of `evaluate.probes` (general.jsonl, and general_text.txt when present),
+    checked: the folder is inside the project (as data.raw), every row has an id, a prompt and a
+    non-empty list of accepted answers. Read by evaluation and by replay (which must not train on
+    a probe's prompt)."""
+    try:
+        folder = resolve_data_path(setting)
+    except ValueError as exc:
+        raise ProbeError(f"evaluate.probes: {exc}") from None
+    questions = Path(setting) / "general.jsonl"
+    text = folder / "general_text.txt"
+    if not (folder / "general.jsonl").is_file():
+        raise ProbeError(f"{questions} not found (evaluate.probes names the probe folder)")
+    probes, problems = [], []
+    with open(folder / "general.jsonl", encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                problems.append(f"line {number}: not JSON ({exc})")
+                continue
+            accept = row.get("accept") if isinstance(row, dict) else None
+            if not isinstance(row, dict) or not isinstance(row.get("id"), str) \
+                    or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+                problems.append(f"line {number}: needs a string id and a non-empty prompt")
+            elif not (isinstance(accept, list) and accept and all(isinstance(a, str) and a.strip() for a in accept)):
+                problems.append(f"line {number} ({row['id']}): needs \"accept\", a non-empty list of accepted answers")
+            else:
+                probes.append(row)
+    if problems:
+        raise ProbeError(f"{questions}: {len(problems)} bad probe row(s): " + "; ".join(problems[:5])
+                        + (" ..." if len(problems) > 5 else "") + ' (each row: {"id", "prompt", "accept": [...]})')
+    if not probes:
+        raise ProbeError(f"{questions} has no probes")
+    return probes, text.read_text(encoding="utf-8") if text.exists() else ""
