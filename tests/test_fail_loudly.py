@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.processes import sigint_as_in_a_terminal
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -436,7 +438,8 @@ def test_ctrl_c_is_one_line(project):
     set_params(project, {"evaluate": {"max_samples": 400, "max_new_tokens": 200, "batch_size": 1}})
     _write_jsonl(project / "data/split/test.jsonl", [_conversation(i) for i in range(400)])
     process = subprocess.Popen([sys.executable, "-m", "stages.evaluate", "--model", "base"], cwd=project,
-                               env=dict(os.environ, PYTHONPATH=str(ROOT)), stderr=subprocess.PIPE)
+                               env=dict(os.environ, PYTHONPATH=str(ROOT)), stderr=subprocess.PIPE,
+                               preexec_fn=sigint_as_in_a_terminal)
     seen, deadline = b"", time.time() + 240
     try:
         while b"test split" not in seen and time.time() < deadline:  # the progress bar: generating

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import sigint_as_in_a_terminal
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("QLORA_DVC_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -54,7 +56,8 @@ def test_ten_blind_comparisons_in_a_browser_reach_the_stage(tmp_path):
     project = _project(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     server = subprocess.Popen([sys.executable, "-m", "qlora_dvc", "prefs", "--port", "0", "--rater", "tester",
-                               "--limit", "10"], cwd=project, env=env, stderr=subprocess.PIPE, text=True)
+                               "--limit", "10"], cwd=project, env=env, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=sigint_as_in_a_terminal)
     try:
         first = server.stderr.readline()
         match = re.search(r"(http://127\.0\.0\.1:\d+/)", first)
@@ -93,7 +96,11 @@ def test_ten_blind_comparisons_in_a_browser_reach_the_stage(tmp_path):
             browser.close()
     finally:
         server.send_signal(signal.SIGINT)
-        out = server.communicate(timeout=30)[1]
+        try:
+            out = server.communicate(timeout=30)[1]
+        finally:
+            if server.poll() is None:
+                server.kill()  # never left behind, whatever failed above
     assert server.returncode == 0, out
     assert "10 judgement(s) saved to data/prefs/judgements.jsonl" in out
     assert set(shown_first) == {"base", "tuned"}, "sides are drawn at random"
