@@ -31,7 +31,7 @@ def main() -> int:
     import numpy as np
 
     from stages.lib import minhash
-    from stages.lib.io import atomic_file, dumps_record, write_json
+    from stages.lib.io import atomic_file, dumps_record, read_json, write_json
     from stages.lib.params import load_params
     from stages.lib.parallel import ordered_map
     from stages.lib.progress import progress_bar
@@ -100,7 +100,7 @@ def main() -> int:
     }
     if CLEAN_REPORT.exists():
         # The whole pipeline's accounting so far, in one place.
-        clean = json.loads(CLEAN_REPORT.read_text(encoding="utf-8"))
+        clean = read_json(CLEAN_REPORT)
         if clean.get("kept") == len(ids):
             report["accounting"] = {
                 "raw_rows": clean["rows_in"], "rejected": clean["rejected"],

@@ -11,8 +11,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from stages.lib.io import OutputError, read_jsonl, write_json
-from stages.lib.params import ParamsError, load_params
+from stages.lib.io import read_jsonl, write_json
+from stages.lib.params import load_params
+from stages.lib.stage import StageError
 
 ADAPTER = Path("models/adapter")
 MERGED = Path("models/merged")
@@ -22,15 +23,9 @@ REPORT = Path("reports/export.json")
 
 
 def main() -> int:
-    try:
-        params = load_params(stage="export")
-    except ParamsError as exc:
-        print(exc, file=sys.stderr)
-        return 1
+    params = load_params(stage="export")
 
-    from stages.lib.adapter import AdapterError
-    from stages.lib.export import ExportError, GGUFCheckError, run_export
-    from stages.lib.modeling import ModelError
+    from stages.lib.export import GGUFCheckError, run_export
     from stages.lib.records import prompt_messages
 
     # The first test prompts: the check then also shows answers in the fine-tuned format.
@@ -40,11 +35,7 @@ def main() -> int:
                             checks=checks)
     except GGUFCheckError as exc:
         write_json(REPORT, exc.report)  # the figures that failed, for the reader
-        print(f"export: {exc} (figures in {REPORT})", file=sys.stderr)
-        return 1
-    except (AdapterError, ExportError, ModelError, OutputError) as exc:
-        print(f"export: {exc}", file=sys.stderr)
-        return 1
+        raise StageError(f"{exc} (figures in {REPORT})") from None
     if report["enabled"]:  # a disabled export loads no model: its report stays {"enabled": false}
         from stages.lib.stage import peak_rss_mib
 
@@ -67,6 +58,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from stages.lib.modeling import leave_out_unused_bitsandbytes
     from stages.lib.stage import run_stage
 
+    leave_out_unused_bitsandbytes("export")
     sys.exit(run_stage("export", main))

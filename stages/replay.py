@@ -15,6 +15,7 @@ from pathlib import Path
 
 from stages.lib.io import read_jsonl, read_probes, resolve_data_path, write_json, write_jsonl
 from stages.lib.params import load_params
+from stages.lib.stage import StageError
 
 TEST = Path("data/split/test.jsonl")
 ANSWERS = Path("data/replay/answers.jsonl")
@@ -25,9 +26,7 @@ def _protected_prompts(params) -> dict[str, list[str]]:
     """The prompts evaluation asks: the probes' and the test split's user turns."""
     from stages.lib.records import prompt_messages
 
-    probes = []
-    if (resolve_data_path(params.evaluate.probes) / "general.jsonl").is_file():
-        probes = [row["prompt"] for row in read_probes(params.evaluate.probes)[0]]
+    probes = [row["prompt"] for row in read_probes(params.evaluate.probes, missing_ok=True)[0]]
     test = [m["content"] for r in read_jsonl(TEST) for m in prompt_messages(r) if m["role"] == "user"] \
         if TEST.exists() else []
     return {"probes": probes, "test split": test}
@@ -51,25 +50,15 @@ def main() -> int:
             raise ReplayError("no prompts in the file")
         check_no_overlap(prompts, _protected_prompts(params))
     except FileNotFoundError:
-        print(f"replay: {settings.prompts} not found (train.replay.prompts; train.replay.share 0 turns replay off)",
-              file=sys.stderr)
-        return 1
+        raise StageError(f"{settings.prompts} not found (train.replay.prompts; train.replay.share 0 turns "
+                         "replay off)") from None
     except ReplayError as exc:
-        print(f"replay: train.replay.prompts {settings.prompts}: {exc}", file=sys.stderr)
-        return 1
-    except ValueError as exc:  # an unreadable prompt, probe or test file (UnicodeDecodeError too)
-        print(f"replay: {exc}", file=sys.stderr)
-        return 1
+        raise StageError(f"train.replay.prompts {settings.prompts}: {exc}") from None
 
     from stages.lib.generation import generate, load_for_inference
-    from stages.lib.modeling import ModelError
     from stages.lib.stage import peak_rss_mib
 
-    try:
-        model, tokenizer = load_for_inference(params)
-    except ModelError as exc:
-        print(f"replay: {exc}", file=sys.stderr)
-        return 1
+    model, tokenizer = load_for_inference(params)
     answers = generate(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
                        max_new_tokens=settings.max_new_tokens, batch_size=params.evaluate.batch_size,
                        desc="replay: base answers", key="train.replay.max_new_tokens")
@@ -84,6 +73,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from stages.lib.modeling import leave_out_unused_bitsandbytes
     from stages.lib.stage import run_stage
 
+    leave_out_unused_bitsandbytes("replay")
     sys.exit(run_stage("replay", main))

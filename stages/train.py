@@ -11,9 +11,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from stages.lib.io import OutputError, write_json
+from stages.lib.io import write_json
 from stages.lib.limits import LAUNCHED_MARK, check_processes, inside_launcher
-from stages.lib.params import ParamsError, load_params
+from stages.lib.params import load_params
 
 TRAIN = Path("data/split/train.jsonl")
 VALIDATION = Path("data/split/validation.jsonl")
@@ -38,11 +38,7 @@ def _relaunch_with_accelerate(train) -> int:
 
 
 def main() -> int:
-    try:
-        params = load_params(stage="train")
-    except ParamsError as exc:
-        print(exc, file=sys.stderr)
-        return 1
+    params = load_params(stage="train")
     from stages.lib.distributed import needs_launch
 
     if needs_launch(params.train) and not inside_launcher():
@@ -52,16 +48,10 @@ def main() -> int:
         check_processes(params.train.num_processes, torch.cuda.device_count())
         return _relaunch_with_accelerate(params.train)
 
-    from stages.lib.modeling import ModelError
-    from stages.lib.chat import TemplateError
-    from stages.lib.training import TrainError, run_training
+    from stages.lib.training import run_training
 
-    try:
-        report = run_training(params, train_path=TRAIN, validation_path=VALIDATION, replay_path=REPLAY,
-                              adapter_dir=ADAPTER, live_dir=CURVES, checkpoint_root=CHECKPOINTS)
-    except (ModelError, TrainError, TemplateError, OutputError) as exc:
-        print(f"train: {exc}", file=sys.stderr)
-        return 1
+    report = run_training(params, train_path=TRAIN, validation_path=VALIDATION, replay_path=REPLAY,
+                          adapter_dir=ADAPTER, live_dir=CURVES, checkpoint_root=CHECKPOINTS)
     if int(os.environ.get("RANK", "0")) == 0:
         from stages.lib.stage import peak_rss_mib
 
@@ -73,6 +63,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from stages.lib.modeling import leave_out_unused_bitsandbytes
     from stages.lib.stage import run_stage
 
+    leave_out_unused_bitsandbytes("train")
     sys.exit(run_stage("train", main))

@@ -129,3 +129,16 @@ def test_read_probes_returns_rows_and_text(tmp_path, monkeypatch):
     (tmp_path / "probes" / "general_text.txt").write_text("Some text.")
     probes, text = read_probes("probes")
     assert [p["id"] for p in probes] == ["a"] and text == "Some text."
+
+
+def test_read_probes_missing_folder_is_an_error_unless_missing_ok(tmp_path, monkeypatch):
+    from stages.lib.io import ProbeError, read_probes
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ProbeError, match="general.jsonl not found"):
+        read_probes("probes")
+    assert read_probes("probes", missing_ok=True) == ([], "")
+    (tmp_path / "probes").mkdir()
+    (tmp_path / "probes" / "general.jsonl").write_text("not json\n")
+    with pytest.raises(ProbeError, match="not JSON"):  # present but broken: still an error
+        read_probes("probes", missing_ok=True)

@@ -44,7 +44,7 @@ PREP = textwrap.dedent("""
 
 GEN = textwrap.dedent("""
     import json, os, yaml
-    from stages.evaluate import eval_report
+    from stages.lib.evaluation import eval_report
     from stages.lib.labels import label_report
     from stages.lib.metrics import probe_row_scores, row_scores
     p = yaml.safe_load(open("params.yaml"))

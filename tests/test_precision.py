@@ -64,7 +64,8 @@ def test_peft_adapters_on_bf16_layers_are_fp32_master_weights():
 
 def _train_lora(mixed: bool, steps: int = 80):
     """LoRA on a frozen random tiny Llama, learning a deterministic sequence task (each token is
-    the previous one plus 3, mod 96): returns the loss curve and held-out next-token accuracy."""
+    the previous one plus 3, mod 96): returns the loss curve and held-out next-token accuracy.
+    `mixed`: the CPU path of the train stage (bf16 frozen products, fused LoRA, recomputed SwiGLU)."""
     peft = pytest.importorskip("peft")
     model = _tiny(seed=1)
     if mixed:
@@ -75,6 +76,11 @@ def _train_lora(mixed: bool, steps: int = 80):
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
+    if mixed:  # the rest of the train stage's CPU path: fused LoRA, recomputed SwiGLU
+        from stages.lib.fused_lora import fuse_lora
+        from stages.lib.swiglu import recompute_swiglu
+
+        assert fuse_lora(model) > 0 and recompute_swiglu(model) == 2
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     generator = torch.Generator().manual_seed(3)
 
@@ -109,3 +115,36 @@ def test_training_curve_and_result_match_fp32():
         assert abs(a - b) <= 0.05 * a, (start, a, b)
     # ... to the same held-out result (fp32 reaches 1.0 next-token accuracy on unseen sequences).
     assert fp32_accuracy >= 0.9 and abs(fp32_accuracy - mixed_accuracy) <= 0.05, (fp32_accuracy, mixed_accuracy)
+
+
+def test_rescored_head_picks_fp32_argmax_where_a_bf16_head_does_not():
+    from stages.lib.precision import _rescored_head_class
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 4096, bias=False)
+    hidden = torch.randn(2000, 64)
+    exact = head(hidden).argmax(-1)
+    bf16_only = torch.nn.functional.linear(hidden.bfloat16(), head.weight.bfloat16()).argmax(-1)
+    assert (bf16_only != exact).sum() > 10  # near ties that bf16 rounding decides wrongly exist here
+    rescored = _rescored_head_class()(head)
+    assert rescored.weight is head.weight  # the fp32 weight is shared, not copied
+    with torch.inference_mode():
+        assert torch.equal(rescored(hidden).argmax(-1), exact)
+        assert torch.equal(rescored(hidden.view(40, 50, 64)).argmax(-1), exact.view(40, 50))
+
+
+def test_greedy_generation_with_the_rescored_head_is_fp32_greedy():
+    from stages.lib.precision import bf16_output_head
+
+    _, mixed, _ = _pair()
+    mixed.eval()
+    head = mixed.get_output_embeddings()
+    ids = torch.randint(0, 96, (4, 12), generator=torch.Generator().manual_seed(5))
+    settings = dict(max_new_tokens=24, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        reference = mixed.generate(input_ids=ids, **settings)
+        with bf16_output_head(mixed):
+            assert type(mixed.get_output_embeddings()).__name__ == "RescoredBF16Head"
+            rescored = mixed.generate(input_ids=ids, **settings)
+    assert torch.equal(rescored, reference)
+    assert mixed.get_output_embeddings() is head  # put back after the block

@@ -128,7 +128,10 @@ def save_adapter(model, directory, is_main: bool, dtype=None) -> None:
     they are cast back. Collective: every process calls it; only `is_main` writes."""
     state = full_state_dict(model)
     if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        # The adapter's entries only: the state dict holds the frozen base too, and on CPU casting
+        # its bf16 weights to the adapter's fp32 made a 400 MB copy that was the train stage's
+        # memory peak, for tensors save_pretrained then leaves out.
+        state = {k: v.to(dtype) if "lora_" in k and v.is_floating_point() else v for k, v in state.items()}
     if is_main:
         with _names_without_wrappers(unwrap(model)) as peft_model:
             peft_model.save_pretrained(directory, state_dict=state, safe_serialization=True)

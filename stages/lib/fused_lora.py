@@ -35,6 +35,8 @@ CPU section).
 """
 from __future__ import annotations
 
+import functools
+
 # Layers of one parent module that are called on the same input, in call order. A group is formed
 # only from layers that exist and qualify; the cache check below makes the grouping safe anyway
 # (a layer called on another input simply computes its own group again).
@@ -114,6 +116,7 @@ def _lora_backward(ctx, src, xa, a_cat, b_scaled, grads, grad_x):
     return grad_x, grad_x_lora, grad_a, grad_b
 
 
+@functools.cache
 def _make_function():
     import torch
 
@@ -163,6 +166,7 @@ def _make_function():
     return FusedLoRA4bit
 
 
+@functools.cache
 def _make_bf16_function():
     import torch
 
@@ -211,10 +215,6 @@ def _make_bf16_function():
     return FusedLoRAFrozenBF16
 
 
-_FUNCTION = None
-_BF16_FUNCTION = None
-
-
 class FusedGroup:
     """Layers (peft LoRA on 4-bit linears) that read the same input; the first one called computes
     all outputs, the others take theirs from the cache if they are called on the same tensor."""
@@ -237,11 +237,8 @@ class FusedGroup:
     def compute(self, x):
         if _is_frozen_bf16(self.bases[0]):
             return self._compute_frozen_bf16(x)
-        global _FUNCTION
         import torch
 
-        if _FUNCTION is None:
-            _FUNCTION = _make_function()
         base = self.bases[0]
         dtype = base.compute_dtype or x.dtype
         lead = x.shape[:-1]
@@ -251,15 +248,12 @@ class FusedGroup:
         x_lora = None
         if self.p > 0 and self.modules[0].training:
             x_lora = torch.nn.functional.dropout(flat, p=self.p, training=True)
-        outputs = _FUNCTION.apply(flat, x_lora, a_cat, self, *b_scaled)
+        outputs = _make_function().apply(flat, x_lora, a_cat, self, *b_scaled)
         return [out.view(*lead, out.shape[-1]).to(x.dtype) for out in outputs]
 
     def _compute_frozen_bf16(self, x):
-        global _BF16_FUNCTION
         import torch
 
-        if _BF16_FUNCTION is None:
-            _BF16_FUNCTION = _make_bf16_function()
         lead = x.shape[:-1]
         flat = x.reshape(-1, x.shape[-1])
         a_cat = torch.cat([m.lora_A[self.adapter].weight for m in self.modules]).to(x.dtype)
@@ -267,7 +261,7 @@ class FusedGroup:
         x_lora = None
         if self.p > 0 and self.modules[0].training:
             x_lora = torch.nn.functional.dropout(flat, p=self.p, training=True)
-        outputs = _BF16_FUNCTION.apply(flat, x_lora, a_cat, self, *b_scaled)
+        outputs = _make_bf16_function().apply(flat, x_lora, a_cat, self, *b_scaled)
         return [out.view(*lead, out.shape[-1]) for out in outputs]
 
     def forward(self, index: int, x, *args, **kwargs):
@@ -297,8 +291,6 @@ def fuse_lora(model) -> int:
     """Replace the forward of every peft LoRA layer on a 4-bit or frozen bf16 linear in `model` by the fused path;
     layers that share their input (SHARED_INPUT_GROUPS) are grouped. Returns the number of layers
     fused (0 when nothing qualifies, e.g. an unquantised model)."""
-    import functools
-
     fused = 0
     for parent in model.modules():
         children = dict(parent.named_children())

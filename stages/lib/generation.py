@@ -1,6 +1,7 @@
 """Batched greedy generation and reference-answer loss, for evaluation and the generate command."""
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -62,6 +63,7 @@ def generate(model, tokenizer, conversations: list[list[dict]], *, max_new_token
     from tqdm import tqdm
 
     from stages.lib.limits import check_new_tokens, context_length, prompt_budget, truncate_prompt_ids, warn_truncated
+    from stages.lib.precision import bf16_output_head, uses_frozen_bf16
 
     context = context_length(model)
     check_new_tokens(max_new_tokens, context, key)
@@ -80,8 +82,12 @@ def generate(model, tokenizer, conversations: list[list[dict]], *, max_new_token
     # On CPU a preallocated KV cache: the default one grows by concatenation, copying every layer's
     # keys and values at every new token (a third of a decoding step on the reference machine).
     # On CUDA transformers would compile the model for a static cache; there the default is kept.
-    cache = {"cache_implementation": "static"} if _device(model).type == "cpu" else {}
-    with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, file=sys.stderr) as bar:
+    cpu = _device(model).type == "cpu"
+    cache = {"cache_implementation": "static"} if cpu else {}
+    # On CPU a model whose decoder multiplies in bf16 (stages/lib/precision.py) gets a bf16 head
+    # whose top candidates are rescored in fp32: the fp32 head's tokens at a fifth of its cost.
+    head = bf16_output_head(model) if cpu and uses_frozen_bf16(model) else contextlib.nullcontext()
+    with torch.inference_mode(), head, tqdm(total=len(prompts), desc=desc, file=sys.stderr) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             batch = tokenizer.pad({"input_ids": [prompts[i] for i in chunk]}, padding=True,

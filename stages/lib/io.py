@@ -271,11 +271,11 @@ class ProbeError(ValueError):
     """The probe set is missing or malformed."""
 
 
-def read_probes(setting: str) -> tuple[list[dict], str]:
+def read_probes(setting: str, *, missing_ok: bool = False) -> tuple[list[dict], str]:
     """The probe set of `evaluate.probes` (general.jsonl, and general_text.txt when present),
     checked: the folder is inside the project (as data.raw), every row has an id, a prompt and a
     non-empty list of accepted answers. Read by evaluation and by replay (which must not train on
-    a probe's prompt)."""
+    a probe's prompt; for it a missing probe set, `missing_ok`, is no probes: ([], ""))."""
     try:
         folder = resolve_data_path(setting)
     except ValueError as exc:
@@ -283,6 +283,8 @@ def read_probes(setting: str) -> tuple[list[dict], str]:
     questions = Path(setting) / "general.jsonl"
     text = folder / "general_text.txt"
     if not (folder / "general.jsonl").is_file():
+        if missing_ok:
+            return [], ""
         raise ProbeError(f"{questions} not found (evaluate.probes names the probe folder)")
     probes, problems = [], []
     with open(folder / "general.jsonl", encoding="utf-8", errors="replace") as handle:

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -73,6 +74,30 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """Within the block, gguf-py's reader and tensor-name map are built once per argument.
+
+    Loading one GGUF, transformers parses the file's metadata three times (for the config, the
+    tokenizer and the weights: each parse walks the 49k-entry vocabulary in Python, about 4 s
+    here) and builds the same tensor-name map once per module of the model (397 times for the
+    default model, 6 s): 25 of the 30 s the default model's first materialisation took. Both are
+    pure functions of their arguments and read-only afterwards, so the results are the same;
+    the originals are put back after the block."""
+    import functools
+
+    import gguf
+
+    originals = {name: getattr(gguf, name) for name in ("GGUFReader", "get_tensor_name_map") if hasattr(gguf, name)}
+    for name, original in originals.items():
+        setattr(gguf, name, functools.lru_cache(maxsize=None)(original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(gguf, name, original)
+
+
 def materialize_gguf(gguf: Path, root: Path = MATERIALIZED_ROOT, sha256: str | None = None) -> Path:
     """Dequantise a GGUF model into plain fp32 safetensors once; return the folder.
 
@@ -85,10 +110,11 @@ def materialize_gguf(gguf: Path, root: Path = MATERIALIZED_ROOT, sha256: str | N
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    print(f"materialising {gguf.name} -> {target} (once; about 20 s on 2 cores)", file=sys.stderr)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                      dtype=torch.float32)
+    print(f"materialising {gguf.name} -> {target} (once; about 10 s on 2 cores)", file=sys.stderr)
+    with _gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                          dtype=torch.float32)
     config_dict = gguf_model.config.to_dict()
     config_dict.pop("quantization_config", None)
     model_type = config_dict.pop("model_type")
@@ -214,6 +240,32 @@ def resolve_precision(quantization: str, compute_dtype: str, cuda: bool) -> tupl
     if cuda:
         return quantize, "bf16"
     return quantize, "fp32" if quantize else "bf16"
+
+
+def leave_out_unused_bitsandbytes(stage: str) -> bool:
+    """In a model stage's own process (its `__main__`) that quantises nothing on a CPU, make
+    bitsandbytes look absent before anything imports it. peft imports it whenever it is
+    installed, which cost the process about 40 MiB of resident memory (bench/NOTES.md, CPU
+    section) and printed bitsandbytes' "Failed to load CPU gemm_4bit_forward" warning, for a
+    library the run never calls. It lasts as long as the process, so tests that call a stage's
+    `main` in their own process do not use it. True when left out."""
+    import sys
+
+    if "bitsandbytes" in sys.modules:
+        return False
+    from stages.lib.params import ParamsError, load_params
+
+    try:
+        train = load_params(stage=stage).train
+    except ParamsError:
+        return False  # the stage's own load reports it, in the stage's words
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cuda or resolve_precision(train.quantization, train.compute_dtype, cuda)[0]:
+        return False
+    sys.modules["bitsandbytes"] = None  # importlib's find_spec then answers None: not installed
+    return True
 
 
 def pick_compute_dtype(requested: str, cuda: bool, quantize: bool = True):

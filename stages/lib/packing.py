@@ -6,36 +6,31 @@ docs/design.md ("Packed rows") for why a per-example mask is not left to chance.
 """
 from __future__ import annotations
 
+import functools
+
 PACKED_ATTENTION = "packed_varlen"  # registered by `register_packed_attention`
 
 
-_VARLEN = None  # (varlen_attn, keyword arguments) once probed
-
-
+@functools.cache  # probed once: (varlen_attn, keyword arguments), or (None, None)
 def _varlen_kernel():
     """torch's varlen flash attention (torch >= 2.9), with the keywords this torch version spells
-    causality and grouped-query attention with; None where it is missing."""
-    global _VARLEN
-    if _VARLEN is None:
-        import inspect
+    causality and grouped-query attention with; (None, None) where it is missing."""
+    import inspect
 
-        try:
-            from torch.nn.attention.varlen import varlen_attn
-        except ImportError:
-            _VARLEN = (None, None)
-            return _VARLEN
-        params = inspect.signature(varlen_attn).parameters
-        if "is_causal" in params:
-            kwargs = {"is_causal": True}
-        elif "window_size" in params:
-            kwargs = {"window_size": (-1, 0)}
-        else:
-            _VARLEN = (None, None)
-            return _VARLEN
-        if "enable_gqa" in params:
-            kwargs["enable_gqa"] = True  # older versions take grouped k/v heads as they are (FA2 does)
-        _VARLEN = (varlen_attn, kwargs)
-    return _VARLEN
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, None
+    params = inspect.signature(varlen_attn).parameters
+    if "is_causal" in params:
+        kwargs = {"is_causal": True}
+    elif "window_size" in params:
+        kwargs = {"window_size": (-1, 0)}
+    else:
+        return None, None
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = True  # older versions take grouped k/v heads as they are (FA2 does)
+    return varlen_attn, kwargs
 
 
 def varlen_available() -> bool:

@@ -162,7 +162,7 @@ class ReplayParams(_Section):
 class TrainParams(_Section):
     seed: int = Field(default=42, ge=0, le=MAX_SEED)
     epochs: float = Field(default=1.0, gt=0, le=10_000)
-    max_steps: int = Field(default=240, ge=-1, le=BIG, description="-1: run `epochs` epochs")
+    max_steps: int = Field(default=270, ge=-1, le=BIG, description="-1: run `epochs` epochs")
     # Above 1 no optimiser here converges; a typo (2e4 for 2e-4) is caught instead of diverging.
     learning_rate: float = Field(default=3e-4, gt=0, le=1)
     # transformers schedulers that need no extra arguments (the others need scheduler kwargs).
@@ -172,7 +172,7 @@ class TrainParams(_Section):
     weight_decay: float = Field(default=0.0, ge=0, le=10)
     batch_size: int = Field(default=8, gt=0, le=65536)
     grad_accum: int = Field(default=1, gt=0, le=65536)
-    max_length: int = Field(default=384, gt=8, le=1 << 20)
+    max_length: int = Field(default=320, gt=8, le=1 << 20)
     # auto: nf4 (QLoRA) on CUDA; none on CPU, where bitsandbytes has no fast 4-bit kernel
     # (stages/lib/modeling.py: resolve_precision).
     quantization: Literal["auto", "nf4", "none"] = "auto"

@@ -18,31 +18,31 @@ bf16 product, and nothing of the input is kept for it.
 """
 from __future__ import annotations
 
-_FUNCTION = None  # the autograd.Function, built on first use (torch is a heavy import)
+import contextlib
+import functools
 
 
+@functools.cache  # built on first use: torch is a heavy import
 def _frozen_bf16_matmul():
-    global _FUNCTION
-    if _FUNCTION is None:
-        import torch
+    import torch
 
-        class FrozenBF16Matmul(torch.autograd.Function):
-            """y = x @ W.T with W frozen in bf16; x and y in x's dtype (fp32)."""
+    class FrozenBF16Matmul(torch.autograd.Function):
+        """y = x @ W.T with W frozen in bf16; x and y in x's dtype (fp32)."""
 
-            @staticmethod
-            def forward(ctx, x, weight):
-                ctx.weight = weight  # frozen: nothing of x needs saving, W is the module's own
-                return torch.nn.functional.linear(x.to(weight.dtype), weight).to(x.dtype)
+        @staticmethod
+        def forward(ctx, x, weight):
+            ctx.weight = weight  # frozen: nothing of x needs saving, W is the module's own
+            return torch.nn.functional.linear(x.to(weight.dtype), weight).to(x.dtype)
 
-            @staticmethod
-            def backward(ctx, grad_output):
-                grad_input = grad_output.to(ctx.weight.dtype).matmul(ctx.weight).to(grad_output.dtype)
-                return grad_input, None
+        @staticmethod
+        def backward(ctx, grad_output):
+            grad_input = grad_output.to(ctx.weight.dtype).matmul(ctx.weight).to(grad_output.dtype)
+            return grad_input, None
 
-        _FUNCTION = FrozenBF16Matmul
-    return _FUNCTION
+    return FrozenBF16Matmul
 
 
+@functools.cache
 def _linear_class():
     import torch
 
@@ -57,18 +57,12 @@ def _linear_class():
     return FrozenBF16Linear
 
 
-_LINEAR = None
-
-
 def store_frozen_linears_in_bf16(model) -> int:
     """Convert the decoder's linear layers of `model` (fp32, frozen) to bf16 storage and bf16
     products; the LM head (often tied to the input embeddings) and everything else keep fp32.
     Returns how many layers were converted. Call it before PEFT wraps the model."""
-    global _LINEAR
     import torch
 
-    if _LINEAR is None:
-        _LINEAR = _linear_class()
     head = model.get_output_embeddings()
     converted = 0
     for module in model.modules():
@@ -77,9 +71,62 @@ def store_frozen_linears_in_bf16(model) -> int:
         module.weight = torch.nn.Parameter(module.weight.detach().to(torch.bfloat16), requires_grad=False)
         if module.bias is not None:
             module.bias.requires_grad_(False)
-        module.__class__ = _LINEAR
+        module.__class__ = _linear_class()
         converted += 1
     return converted
+
+
+RESCORED_CANDIDATES = 32  # tokens per position whose logits are recomputed in fp32 (greedy decoding)
+
+
+@functools.cache
+def _rescored_head_class():
+    import torch
+
+    class RescoredBF16Head(torch.nn.Module):
+        """An LM head for greedy decoding only: the logits of the whole vocabulary from a bf16
+        product, the RESCORED_CANDIDATES largest of them recomputed in fp32 from the fp32 weight,
+        and every other token set to -inf. The argmax is then fp32's own choice unless fp32's
+        winner is not among bf16's top 32, which takes 32 tokens within a bf16 rounding error
+        (about 2^-8 of a logit) of it."""
+
+        def __init__(self, head):
+            super().__init__()
+            self.weight = head.weight  # the fp32 weight itself (often tied to the embeddings)
+            self.bias = head.bias
+            self.weight_bf16 = head.weight.detach().to(torch.bfloat16)
+
+        def forward(self, hidden):
+            approx = torch.nn.functional.linear(hidden.to(torch.bfloat16), self.weight_bf16)
+            top = approx.topk(min(RESCORED_CANDIDATES, approx.shape[-1]), dim=-1).indices
+            exact = (hidden.unsqueeze(-2) * self.weight[top]).sum(-1)
+            if self.bias is not None:
+                exact = exact + self.bias[top]
+            logits = torch.full(approx.shape, float("-inf"), dtype=hidden.dtype, device=hidden.device)
+            return logits.scatter_(-1, top, exact)
+
+    return RescoredBF16Head
+
+
+@contextlib.contextmanager
+def bf16_output_head(model):
+    """Within the block, `model`'s LM head is the RescoredBF16Head above: the same greedy tokens
+    as the fp32 head (tests/test_precision.py), at a quarter of its cost on CPU, where the fp32 head
+    over a 49k vocabulary was the largest single product of every generated token
+    (bench/NOTES.md). Only for greedy decoding: every token outside the candidates gets -inf, so
+    losses and perplexities never go through this block."""
+    import torch
+
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = causal_lm.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.weight.dtype != torch.float32:
+        yield
+        return
+    causal_lm.set_output_embeddings(_rescored_head_class()(head))
+    try:
+        yield
+    finally:
+        causal_lm.set_output_embeddings(head)
 
 
 def uses_frozen_bf16(model) -> bool:

@@ -6,6 +6,7 @@ packing, gradient checkpointing, fused kernels) from the device and `train.profi
 from __future__ import annotations
 
 import contextlib
+import functools
 import resource
 import sys
 import time
@@ -67,10 +68,12 @@ def no_supervision_message(stats: dict, max_length: int) -> str:
 # `fit_token_budget` to what the card's free memory holds.
 THROUGHPUT_TOKENS = 16384
 LOW_MEMORY_TOKENS = 6144
-# Packed tokens per micro-batch on CPU: enough rows for efficient bf16 products (2-3 of the sample's
+# Packed tokens per micro-batch on CPU: enough rows for efficient bf16 products (2 of the sample's
 # ~140-token examples), few enough that the saved activations and the allocator's reuse of their
-# memory keep the stage near 2 GB resident (2,055 MiB peak at 384 tokens, 2,402 at 512: bench/NOTES.md).
-CPU_TOKENS = 384
+# memory keep the stage under 2 GB resident (the default run: 1,738 MiB peak at 320 tokens, about
+# 1,940 at 384, 2,402 at 512; 320-token steps also ran more tokens/s: bench/NOTES.md, CPU section).
+# A packed row is never shorter than train.max_length (a whole example always fits).
+CPU_TOKENS = 320
 
 
 @dataclass(frozen=True)
@@ -334,9 +337,23 @@ def build_trainer(plan: TrainingPlan, train, *, model, tokenizer, train_dataset,
     return trainer
 
 
-_LABELLED_TRAINER = None
+ENTROPY_CHUNK_ROWS = 32  # positions per chunk of the logged entropy (three vocabulary-wide temporaries each)
 
 
+def _entropy_sum(logits):
+    """Summed entropy of the softmax of each row of `logits`, a chunk of rows at a time: computed
+    at the end of the forward, when every saved activation is alive, its temporaries over all
+    labelled positions at once (3 x positions x vocabulary floats) were a step's memory peak."""
+    import torch
+
+    total = logits.new_zeros(())
+    for chunk in logits.split(ENTROPY_CHUNK_ROWS):
+        log_probs = torch.log_softmax(chunk, dim=-1)
+        total -= (log_probs.exp() * log_probs).sum()
+    return total
+
+
+@functools.cache
 def _labelled_positions_trainer_class():
     """SFTTrainer whose loss runs the LM head on the labelled positions only, in fp32 (for CPU).
 
@@ -348,9 +365,6 @@ def _labelled_positions_trainer_class():
     the loss a plain fp32 cross-entropy; the logged entropy and token accuracy are computed from
     the same logits, so the curves keep TRL's names and meaning.
     """
-    global _LABELLED_TRAINER
-    if _LABELLED_TRAINER is not None:
-        return _LABELLED_TRAINER
     import torch
     from trl import SFTTrainer
 
@@ -371,8 +385,7 @@ def _labelled_positions_trainer_class():
             loss = total / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
             with torch.no_grad():
                 valid = max(int(count), 1)
-                log_probs = torch.log_softmax(logits, dim=-1)
-                entropy = -(log_probs.exp() * log_probs).sum() / valid
+                entropy = _entropy_sum(logits) / valid
                 accuracy = (logits.argmax(-1) == targets[labelled]).sum() / valid
             self._metrics[mode]["entropy"].append(float(entropy))
             self._metrics[mode]["mean_token_accuracy"].append(float(accuracy))
@@ -382,8 +395,7 @@ def _labelled_positions_trainer_class():
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
             return (loss, {"loss": loss}) if return_outputs else loss
 
-    _LABELLED_TRAINER = LabelledPositionsSFTTrainer
-    return _LABELLED_TRAINER
+    return LabelledPositionsSFTTrainer
 
 
 def check_target_modules(model, targets) -> None:
