@@ -125,7 +125,9 @@ def test_adapter_from_a_wrapped_or_sharded_model_is_the_one_gpu_file(tmp_path, p
     for key, tensor in expected.items():
         assert written[key].dtype == tensor.dtype and torch.equal(written[key], tensor), key
     config = json.loads((tmp_path / mode / "adapter_config.json").read_text())
-    assert config == json.loads((tmp_path / "one_gpu" / "adapter_config.json").read_text())
+    reference = json.loads((tmp_path / "one_gpu" / "adapter_config.json").read_text())
+    reference["target_modules"] = sorted(reference["target_modules"])  # save_adapter sorts peft's set
+    assert config == reference
     # accelerate's FSDP keeps trainable weights in fp32; the adapter goes out in the run's own dtype.
     save_adapter(wrapped, tmp_path / f"{mode}-bf16", is_main=True, dtype=torch.bfloat16)
     cast = _files(tmp_path / f"{mode}-bf16")
@@ -142,3 +144,34 @@ def test_adapter_of_a_single_process_run_is_peft_s_own_file(tmp_path):
     save_adapter(model, tmp_path / "stage", is_main=True)
     expected, written = _files(tmp_path / "peft"), _files(tmp_path / "stage")
     assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in expected)
+
+
+def test_adapter_config_is_the_same_bytes_whatever_the_hash_seed(tmp_path):
+    """peft writes target_modules (a set) in iteration order, which for strings changes with the
+    process's hash seed: the same adapter then hashed differently in DVC on every run."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("peft")
+    code = (
+        "import sys, torch, transformers, peft\n"
+        "from stages.lib.distributed import save_adapter\n"
+        "config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,\n"
+        "    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)\n"
+        "torch.manual_seed(0)\n"
+        "model = peft.get_peft_model(transformers.LlamaForCausalLM(config),\n"
+        "    peft.LoraConfig(r=2, target_modules='all-linear'))\n"
+        "save_adapter(model, sys.argv[1], is_main=True)\n")
+    root = Path(__file__).resolve().parents[1]
+    written = []
+    for seed in ("1", "2", "3"):
+        out = tmp_path / seed
+        done = subprocess.run([sys.executable, "-c", code, str(out)], cwd=root, capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "PYTHONHASHSEED": seed})
+        assert done.returncode == 0, done.stderr[-2000:]
+        written.append((out / "adapter_config.json").read_bytes())
+    assert written[0] == written[1] == written[2]
+    modules = json.loads(written[0])["target_modules"]
+    assert modules == sorted(modules) and len(modules) == 7

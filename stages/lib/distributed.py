@@ -14,7 +14,9 @@ else SLURM_NODEID, else 0), so dvc.lock is the same everywhere.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+from pathlib import Path
 
 # FSDP settings for QLoRA: the ones peft's and accelerate's FSDP-QLoRA guides use. Frozen nf4 and
 # trainable LoRA weights live in one flat parameter per wrapped layer unless LoRA layers are wrapped
@@ -135,3 +137,17 @@ def save_adapter(model, directory, is_main: bool, dtype=None) -> None:
     if is_main:
         with _names_without_wrappers(unwrap(model)) as peft_model:
             peft_model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+        _sort_config_sets(Path(directory))
+
+
+def _sort_config_sets(directory: Path) -> None:
+    """peft writes the config's sets (target_modules) as lists in the set's iteration order, which
+    for strings changes from one process to the next (hash randomisation): the same adapter then
+    hashed differently in DVC on every run, and the stages after train re-ran for nothing. The
+    lists are written sorted, in peft's own format (indent 2, sorted keys)."""
+    for config_path in directory.rglob("adapter_config.json"):
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        for key in ("target_modules", "modules_to_save", "exclude_modules"):
+            if isinstance(config.get(key), list) and all(isinstance(v, str) for v in config[key]):
+                config[key] = sorted(config[key])
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
