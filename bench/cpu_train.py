@@ -217,6 +217,10 @@ def main() -> int:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one arm, print its JSON
     args = parser.parse_args()
     if args.one:
+        if args.one == "stage":  # as the stage's own process: no bitsandbytes when nothing is quantised
+            from stages.lib.modeling import leave_out_unused_bitsandbytes
+
+            leave_out_unused_bitsandbytes("train")
         if args.threads:
             import torch
 

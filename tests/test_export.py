@@ -206,8 +206,10 @@ def test_export_without_adapter_is_a_one_line_error(tmp_path, monkeypatch, capsy
     from stages import export
 
     monkeypatch.chdir(tmp_path)
+    from stages.lib.stage import run_stage
+
     (tmp_path / "params.yaml").write_text("model: {}\nexport:\n  gguf: null\n")
-    assert export.main() == 1
+    assert run_stage("export", export.main) == 1  # as `python -m stages.export` runs it
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "export: models/adapter/adapter_config.json not found: run the train stage first"
 
