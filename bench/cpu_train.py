@@ -259,9 +259,10 @@ def main() -> int:
         "stage_over_trl": round(stage / trl, 2) if stage and trl else None,
         "results": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\n| arm | tokens/s | examples/s | peak RSS MiB | load before -> after |\n|---|---:|---:|---:|---|")
+    from stages.lib.io import write_text
+
+    write_text(args.out, json.dumps(summary, indent=2) + "\n")  # atomic, as the stages write
+    print("\n| arm | tokens/s | examples/s | peak RSS MiB | load before -> after |\n|---|---:|---:|---:|---|")
     for r in results:
         print(f"| {r['arm']} | {r['tokens_per_s']} | {r['examples_per_s']} | {r['peak_rss_mib']:.0f} | "
               f"{r['load_before']} -> {r['load_after']} |")
