@@ -257,7 +257,7 @@ def serve(session: PrefsSession, host: str = "127.0.0.1", port: int = 8765) -> T
 
 def load_session(rater: str, limit: int | None, seed: int | None = None) -> PrefsSession:
     from stages.lib.io import read_jsonl
-    from stages.lib.judge import pair_rows
+    from stages.lib.pairing import pair_rows
     from stages.lib.params import load_params
 
     for path in (BASE, TUNED):

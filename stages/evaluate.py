@@ -105,8 +105,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from stages.lib.modeling import leave_out_unused_bitsandbytes
-    from stages.lib.stage import run_stage
+    from stages.lib.modeling import run_model_stage
 
-    leave_out_unused_bitsandbytes("evaluate")
-    sys.exit(run_stage("evaluate", main))
+    sys.exit(run_model_stage("evaluate", main))

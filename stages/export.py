@@ -58,8 +58,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from stages.lib.modeling import leave_out_unused_bitsandbytes
-    from stages.lib.stage import run_stage
+    from stages.lib.modeling import run_model_stage
 
-    leave_out_unused_bitsandbytes("export")
-    sys.exit(run_stage("export", main))
+    sys.exit(run_model_stage("export", main))

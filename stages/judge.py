@@ -28,6 +28,7 @@ JOURNAL = Path("checkpoints/judge/replies.partial.jsonl")
 
 def main(argv: list[str] | None = None) -> int:
     from stages.lib import judge
+    from stages.lib.pairing import pair_rows
 
     settings = load_params(stage="judge").evaluate.judge
     if not settings.enabled:
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in (BASE, TUNED):
         if not path.exists():
             raise judge.JudgeError(f"{path} not found: run `dvc repro evaluate` first")
-    pairs = judge.pair_rows(read_jsonl(BASE), read_jsonl(TUNED))
+    pairs = pair_rows(read_jsonl(BASE), read_jsonl(TUNED))
     if not pairs:
         raise judge.JudgeError(f"{TUNED} has no rows: nothing to judge")
 

@@ -22,7 +22,7 @@ REPORT = Path("reports/prefs.json")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from stages.lib.judge import pair_rows
+    from stages.lib.pairing import pair_rows
     from stages.lib.prefs import read_judgements, summarize_prefs
 
     path = Path(load_params(stage="prefs").evaluate.prefs.file)

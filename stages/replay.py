@@ -73,8 +73,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from stages.lib.modeling import leave_out_unused_bitsandbytes
-    from stages.lib.stage import run_stage
+    from stages.lib.modeling import run_model_stage
 
-    leave_out_unused_bitsandbytes("replay")
-    sys.exit(run_stage("replay", main))
+    sys.exit(run_model_stage("replay", main))

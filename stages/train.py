@@ -63,8 +63,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from stages.lib.modeling import leave_out_unused_bitsandbytes
-    from stages.lib.stage import run_stage
+    from stages.lib.modeling import run_model_stage
 
-    leave_out_unused_bitsandbytes("train")
-    sys.exit(run_stage("train", main))
+    sys.exit(run_model_stage("train", main))

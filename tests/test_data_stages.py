@@ -247,6 +247,7 @@ def test_split_fails_naming_leaked_pairs(tmp_path, monkeypatch, capsys):
     (as a bug would), the n-gram audit finds the pasted passages and the stage fails naming them."""
     from stages import split
     from stages.lib import splitting
+    from stages.lib.stage import run_stage
 
     project = _project(tmp_path, lines=_pasted_passages(), split__test_fraction=0.4)
     _ok(project, "clean", "dedup")
@@ -255,7 +256,7 @@ def test_split_fails_naming_leaked_pairs(tmp_path, monkeypatch, capsys):
                         grouping_with_every_link(index, params, None))
     monkeypatch.chdir(project)
     monkeypatch.setenv("QLORA_DVC_WORKERS", "1")
-    assert split.main() == 1
+    assert run_stage("split", split.main) == 1   # as `python -m stages.split` runs it
     err = capsys.readouterr().err
     assert "leaked train/test pair(s), more than split.max_leakage=0" in err and "ngram_user: test " in err
     assert "Traceback" not in err

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.lib.io import (OutputError, atomic_dir, atomic_file, dumps_record, read_jsonl, resolve_data_path, write_json,
-                           write_jsonl)
+from stages.lib.io import (OutputError, atomic_dir, atomic_file, dumps_record, parse_jsonl_lines, read_jsonl,
+                           resolve_data_path, write_json, write_jsonl)
 
 
 def test_write_jsonl_is_deterministic_and_readable(tmp_path):
@@ -102,6 +102,20 @@ def test_dumps_record_falls_back_to_json_for_what_orjson_refuses():
     line.encode("utf-8")
     assert json.loads(line) == lone
     assert json.loads(dumps_record({"x": 0.8125, "y": 1.0})) == {"x": 0.8125, "y": 1.0}
+
+
+def test_parse_jsonl_lines_reads_str_and_bytes_alike_and_skips_blank_lines():
+    lines = ['{"id": "a", "n": 1}\n', "\n", "  \r\n", '{"id": "b", "big": %d}\r\n' % 2**70]
+    expected = [{"id": "a", "n": 1}, {"id": "b", "big": 2**70}]   # beyond 64 bits, exact
+    assert list(parse_jsonl_lines(lines)) == expected
+    assert list(parse_jsonl_lines([line.encode() for line in lines])) == expected
+
+
+def test_parse_jsonl_lines_raises_on_a_malformed_line_unless_asked_to_keep_it_as_none():
+    lines = ['{"id": "a"}\n', '{"id": "cut sh\n', '{"id": "c"}\n']
+    with pytest.raises(ValueError):
+        list(parse_jsonl_lines(lines))
+    assert list(parse_jsonl_lines(lines, malformed_as_none=True)) == [{"id": "a"}, None, {"id": "c"}]
 
 
 def test_read_probes_reports_every_bad_row_with_its_line(tmp_path, monkeypatch):

@@ -58,3 +58,21 @@ def test_a_cpu_stage_that_quantises_nothing_never_imports_bitsandbytes():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "gemm_4bit_forward" not in done.stderr  # bitsandbytes' import-time warning is gone too
+
+
+def test_a_model_stage_runs_under_run_stage_with_bitsandbytes_left_out():
+    """run_model_stage, what the model stages' `__main__` calls: bitsandbytes is left out before
+    the stage runs, and a failure is run_stage's one line and exit status 1."""
+    pytest.importorskip("peft")
+    if pytest.importorskip("torch").cuda.is_available():
+        pytest.skip("on CUDA the default quantises (nf4): bitsandbytes is needed there")
+    code = ("import sys\n"
+            "from stages.lib.modeling import run_model_stage\n"
+            "def main():\n"
+            "    assert sys.modules['bitsandbytes'] is None\n"
+            "    raise ValueError('the stage failed here')\n"
+            "sys.exit(run_model_stage('train', main))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == "train: the stage failed here"
+    assert "Traceback" not in done.stderr

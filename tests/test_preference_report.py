@@ -11,7 +11,7 @@ from pathlib import Path
 
 from qlora_dvc.preference_report import preference_section
 from qlora_dvc.pr_report import dvc_executable
-from stages.lib.judge import share
+from stages.lib.pairing import share
 
 PROJECT = Path(__file__).resolve().parents[1]
 

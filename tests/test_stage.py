@@ -82,7 +82,10 @@ def test_argparse_exit_is_kept():
 @pytest.mark.parametrize("script", sorted(p.stem for p in (ROOT / "stages").glob("*.py") if p.stem != "__init__"))
 def test_every_stage_script_runs_under_run_stage(script):
     source = (ROOT / "stages" / f"{script}.py").read_text(encoding="utf-8")
-    assert "run_stage(" in source, f"stages/{script}.py does not run under stages.lib.stage.run_stage"
+    # run_model_stage (stages/lib/modeling.py) leaves bitsandbytes out, then calls run_stage
+    # (tests/test_modeling.py runs it).
+    assert "run_stage(" in source or "run_model_stage(" in source, \
+        f"stages/{script}.py does not run under stages.lib.stage.run_stage"
 
 
 def test_a_stage_that_fails_prints_one_line(tmp_path):

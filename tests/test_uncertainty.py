@@ -3,6 +3,7 @@
 The coverage tests draw many synthetic evaluations from a population whose true values are known
 and count how often the 95 % intervals contain them: about 95 % of seeded trials must.
 """
+import math
 import random
 
 import numpy as np
@@ -52,6 +53,22 @@ def test_wilson_interval_known_values():
     assert low == 0.0 and high == pytest.approx(0.1072, abs=1e-4)
     low, high = wilson(81, 263)
     assert (low, high) == (pytest.approx(0.2553, abs=1e-4), pytest.approx(0.3662, abs=1e-4))
+
+
+def test_wilson_interval_more_known_values():
+    low, high = wilson(5, 10)
+    assert (round(low, 4), round(high, 4)) == (0.2366, 0.7634)
+    low, high = wilson(0, 10)
+    assert low == 0.0 and round(high, 4) == 0.2775
+    assert all(math.isnan(bound) for bound in wilson(0, 0))
+
+
+@pytest.mark.parametrize("k, n", [(1, 31), (7, 8), (20, 32), (0, 5), (64, 64)])
+def test_wilson_interval_agrees_with_scipy(k, n):
+    from scipy.stats import binomtest
+
+    ci = binomtest(k, n).proportion_ci(method="wilson")
+    assert wilson(k, n) == pytest.approx((ci.low, ci.high), abs=1e-9)
 
 
 def test_deterministic_and_independent_of_row_order():

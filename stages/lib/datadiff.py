@@ -13,7 +13,7 @@ import hashlib
 from collections import Counter
 from typing import Any, Iterable, Mapping
 
-import orjson
+from stages.lib.io import fast_json_loads, parse_jsonl_lines
 
 SPLITS = ("train", "validation", "test")
 PREVIEW_CHARS = 80
@@ -33,7 +33,7 @@ def index_records(lines: Iterable[bytes]) -> dict[str, tuple[str, str]]:
         line = line.strip()
         if not line:
             continue
-        record = orjson.loads(line)
+        record = fast_json_loads(line)
         index[str(record["id"])] = (hashlib.blake2b(line, digest_size=12).hexdigest(), _preview(record))
     return index
 
@@ -68,12 +68,7 @@ def diff_splits(old: Mapping[str, Mapping[str, tuple[str, str]]],
 
 def reason_counts(lines: Iterable[bytes], key: str = "kind") -> Counter:
     """How many rows of a rejected/removed JSONL file carry each reason (its `key` field)."""
-    counts: Counter = Counter()
-    for line in lines:
-        line = line.strip()
-        if line:
-            counts[str(orjson.loads(line).get(key, "?"))] += 1
-    return counts
+    return Counter(str(row.get(key, "?")) for row in parse_jsonl_lines(lines))
 
 
 def diff_reasons(old: Counter | None, new: Counter | None) -> list[dict[str, Any]]:

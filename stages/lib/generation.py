@@ -85,7 +85,7 @@ def generate(model, tokenizer, conversations: list[list[dict]], *, max_new_token
     cpu = _device(model).type == "cpu"
     cache = {"cache_implementation": "static"} if cpu else {}
     # On CPU a model whose decoder multiplies in bf16 (stages/lib/precision.py) gets a bf16 head
-    # whose top candidates are rescored in fp32: the fp32 head's tokens at a fifth of its cost.
+    # whose top candidates are rescored in fp32: the fp32 head's tokens at a quarter of its cost.
     head = bf16_output_head(model) if cpu and uses_frozen_bf16(model) else contextlib.nullcontext()
     with torch.inference_mode(), head, tqdm(total=len(prompts), desc=desc, file=sys.stderr) as bar:
         for start in range(0, len(order), batch_size):
@@ -117,8 +117,9 @@ def answer_loss_rows(model, tokenizer, conversations: list[list[dict]], *, max_l
     results: list[tuple[float, int]] = [(0.0, 0)] * len(conversations)
     present = [i for i, r in enumerate(encoded) if r]
     device = _device(model)
-    # A PEFT model's adapters sit inside the base model's layers, so its backbone includes them.
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from stages.lib.modeling import unwrap_peft
+
+    causal_lm = unwrap_peft(model)   # its backbone includes the adapters
     with torch.inference_mode():
         for start in range(0, len(present), batch_size):
             chunk_index = present[start:start + batch_size]

@@ -186,9 +186,23 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> int:
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
     """Read a JSONL file this pipeline wrote (trusted format: errors are bugs, not bad rows)."""
     with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                yield json.loads(line)
+        yield from parse_jsonl_lines(handle)
+
+
+def parse_jsonl_lines(lines: Iterable[str | bytes], malformed_as_none: bool = False) -> Iterator[Any]:
+    """The JSON value of each non-blank line, from any source of lines (an open file, a file's
+    bytes at a git revision). With `malformed_as_none`, a line that is not JSON gives None instead
+    of raising: for files people edit by hand or a crash may cut short, where one bad line must not
+    hide the rest."""
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            yield fast_json_loads(line)
+        except ValueError:
+            if not malformed_as_none:
+                raise
+            yield None
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import math
 import re
 import socket
 import threading
@@ -30,11 +29,12 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
+
+from stages.lib.pairing import share
 
 ORDERS = ("base_first", "tuned_first")
 OUTCOMES = ("win", "tie", "loss", "unparsable")   # from the tuned model's side
-Z95 = 1.959963984540054
 
 JUDGE_SYSTEM = ("You are an impartial judge comparing two answers to the same request. "
                 "Judge the content only: ignore which answer is shown first, and ignore length "
@@ -156,28 +156,6 @@ def row_outcome(first: str, second: str) -> str:
 
 
 # --- numbers ----------------------------------------------------------------------------------
-
-def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float | None, float | None]:
-    """The Wilson score interval of a proportion (95 % by default); (None, None) when n == 0.
-
-    Chosen over the normal approximation because it stays inside 0..1 and keeps its coverage at
-    the small n (tens of rows) and extreme rates (0 or all wins) that judge runs produce."""
-    if n <= 0:
-        return None, None
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def share(count: int, n: int, ndigits: int = 4) -> dict:
-    """{"count", "n", "rate", "lower", "upper"}: a count out of n with its 95 % Wilson interval."""
-    lower, upper = wilson_interval(count, n)
-    rnd = (lambda v: None if v is None else round(v, ndigits))
-    return {"count": count, "n": n, "rate": rnd(count / n if n else None), "lower": rnd(lower),
-            "upper": rnd(upper)}
-
 
 def summarize(judgements: Sequence[Mapping[str, Any]]) -> dict:
     """The judge report from per-judgement records ({"id", "order", "verdict", "outcome"}).
@@ -384,13 +362,14 @@ class ReplyJournal:
         self.replies: dict[str, tuple[str, dict]] = {}
         self._lock = threading.Lock()
         if self.path.exists():
+            from stages.lib.io import parse_jsonl_lines
+
             with open(self.path, encoding="utf-8") as handle:
-                for line in handle:
+                for entry in parse_jsonl_lines(handle, malformed_as_none=True):
                     try:
-                        entry = json.loads(line)
                         self.replies[entry["key"]] = (entry["content"], entry.get("usage") or {})
-                    except (ValueError, KeyError, TypeError):
-                        continue   # a line cut short by a crash: that request is asked again
+                    except (KeyError, TypeError):
+                        continue   # a line cut short by a crash (None): that request is asked again
         self.reused = 0
 
     @staticmethod
@@ -419,19 +398,6 @@ class ReplyJournal:
     def discard(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-
-
-def pair_rows(base_rows: Iterable[Mapping], tuned_rows: Iterable[Mapping]) -> list[dict]:
-    """Base and tuned predictions joined by row id, in the tuned file's order."""
-    base = {r["id"]: r for r in base_rows}
-    tuned = list(tuned_rows)
-    missing = [r["id"] for r in tuned if r["id"] not in base]
-    if missing or len(base) != len(tuned):
-        raise ValueError(f"base and tuned predictions cover different test rows ({len(base)} vs "
-                         f"{len(tuned)}, e.g. {(missing or sorted(set(base) - {r['id'] for r in tuned}))[:1]}): "
-                         "re-run evaluate_base and evaluate with the same evaluate.max_samples")
-    return [{"id": r["id"], "prompt": r["prompt"], "reference": r.get("reference"),
-             "base": base[r["id"]]["prediction"], "tuned": r["prediction"]} for r in tuned]
 
 
 def judge_pairs(pairs: Sequence[Mapping], ask: Callable[[list[dict]], str], rubric: str, *,

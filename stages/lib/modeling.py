@@ -242,6 +242,12 @@ def resolve_precision(quantization: str, compute_dtype: str, cuda: bool) -> tupl
     return quantize, "fp32" if quantize else "bf16"
 
 
+def unwrap_peft(model):
+    """The transformers model under a peft wrapper, or `model` itself when it has none. A peft
+    model's adapters sit inside the base model's layers, so the result includes them."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def leave_out_unused_bitsandbytes(stage: str) -> bool:
     """In a model stage's own process (its `__main__`) that quantises nothing on a CPU, make
     bitsandbytes look absent before anything imports it. peft imports it whenever it is
@@ -266,6 +272,15 @@ def leave_out_unused_bitsandbytes(stage: str) -> bool:
         return False
     sys.modules["bitsandbytes"] = None  # importlib's find_spec then answers None: not installed
     return True
+
+
+def run_model_stage(stage: str, main) -> int:
+    """`run_stage` for a stage that loads a model, in the stage's own process: bitsandbytes is
+    left out first when the run quantises nothing (`leave_out_unused_bitsandbytes`)."""
+    from stages.lib.stage import run_stage
+
+    leave_out_unused_bitsandbytes(stage)
+    return run_stage(stage, main)
 
 
 def pick_compute_dtype(requested: str, cuda: bool, quantize: bool = True):

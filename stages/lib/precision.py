@@ -117,7 +117,9 @@ def bf16_output_head(model):
     losses and perplexities never go through this block."""
     import torch
 
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from stages.lib.modeling import unwrap_peft
+
+    causal_lm = unwrap_peft(model)
     head = causal_lm.get_output_embeddings()
     if type(head) is not torch.nn.Linear or head.weight.dtype != torch.float32:
         yield

@@ -12,7 +12,8 @@ import hashlib
 import json
 from typing import Any, Iterable, Mapping, Sequence
 
-from stages.lib.judge import share
+from stages.lib.io import parse_jsonl_lines
+from stages.lib.pairing import share
 
 CHOICES = ("A", "B", "tie", "skip")
 
@@ -82,11 +83,4 @@ def summarize_prefs(judgements: Iterable[Mapping[str, Any]], pairs: Sequence[Map
 def read_judgements(lines: Iterable[str]) -> list[Any]:
     """Parse the judgements file; a line that is not JSON is kept as None (counted malformed),
     so one bad edit cannot hide the rest."""
-    out = []
-    for line in lines:
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                out.append(None)
-    return out
+    return list(parse_jsonl_lines(lines, malformed_as_none=True))

@@ -368,10 +368,12 @@ def _labelled_positions_trainer_class():
     import torch
     from trl import SFTTrainer
 
+    from stages.lib.modeling import unwrap_peft
+
     class LabelledPositionsSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             mode = "train" if self.model.training else "eval"
-            causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+            causal_lm = unwrap_peft(model)
             forward = {k: v for k, v in inputs.items() if k != "labels"}
             forward["use_cache"] = False
             hidden = causal_lm.base_model(**forward).last_hidden_state

@@ -143,7 +143,10 @@ def wilson(passed: float, counted: float, confidence: float = CONFIDENCE) -> tup
     denominator = 1 + z * z / counted
     centre = (p + z * z / (2 * counted)) / denominator
     half = z * math.sqrt(p * (1 - p) / counted + z * z / (4 * counted * counted)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # Exact at the ends (none or all passed), where rounding would leave a residue such as 3e-17.
+    low = 0.0 if passed <= 0 else max(0.0, centre - half)
+    high = 1.0 if passed >= counted else min(1.0, centre + half)
+    return low, high
 
 
 def _matrix(rows: Sequence[Mapping[str, Any]], metric: Metric):
