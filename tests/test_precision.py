@@ -2,12 +2,14 @@
 fp32 everything else. It must keep what must stay fp32 in fp32, give the same forward and input
 gradients as fp32 within bf16 rounding, and train like fp32: the same loss curve and held-out
 result within noise, on a task the tiny model can actually learn."""
+from pathlib import Path
+
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from stages.lib.precision import store_frozen_linears_in_bf16, uses_frozen_bf16  # noqa: E402
+from stages.lib.precision import cpu_multiplies_bf16, store_frozen_linears_in_bf16, uses_frozen_bf16  # noqa: E402
 
 
 def _tiny(seed=0):
@@ -23,6 +25,17 @@ def _pair():
     mixed.load_state_dict(fp32.state_dict())
     converted = store_frozen_linears_in_bf16(mixed)
     return fp32, mixed, converted
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU flags from Linux's /proc/cpuinfo")
+def test_bf16_is_chosen_only_on_a_cpu_with_bf16_matrix_instructions():
+    """What `auto` decides on CPU follows the CPU's own flags: AVX-512 BF16 or AMX (x86); any
+    other CPU (AVX2 only, ARM) gets fp32, never emulated bf16."""
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    assert cpu_multiplies_bf16() == bool({"avx512_bf16", "amx_bf16", "amx_tile"} & flags)
 
 
 def test_only_the_decoder_linears_go_bf16():

@@ -14,7 +14,9 @@ def _train(**overrides):
 
 
 def _plan(cuda, **overrides):
-    return plan_training(_train(**overrides), cuda, liger_available=True, varlen_available=True)
+    """The plan on a machine with every fast path: on CPU, one with bf16 matrix instructions."""
+    return plan_training(_train(**overrides), cuda, liger_available=True, varlen_available=True,
+                         cpu_bf16=not cuda)
 
 
 def test_auto_on_cpu_is_the_cpu_profile_packed_mixed_bf16_and_unquantised():
@@ -25,6 +27,16 @@ def test_auto_on_cpu_is_the_cpu_profile_packed_mixed_bf16_and_unquantised():
     assert plan.packing and plan.tokens_per_batch == CPU_TOKENS and plan.per_device_batch_size == 1
     assert plan.attention == PACKED_ATTENTION  # one causal SDPA call per example of the row
     assert not plan.liger and not plan.gradient_checkpointing
+
+
+def test_auto_on_a_cpu_without_bf16_instructions_computes_in_fp32():
+    # Emulated bf16 products are several times slower than fp32 ones there (AVX2-only CPUs).
+    plan = plan_training(_train(), False, cpu_bf16=False)
+    assert plan.profile == "cpu" and not plan.quantize and plan.compute_dtype == "fp32"
+    assert plan.packing and plan.tokens_per_batch == CPU_TOKENS  # the rest of the cpu profile stays
+    assert not plan.fused_lora                                   # plain fp32 layers: peft's own forward
+    explicit = plan_training(_train(compute_dtype="bf16"), False, cpu_bf16=False)
+    assert explicit.compute_dtype == "bf16" and explicit.fused_lora  # what the params ask for wins
 
 
 def test_nf4_on_cpu_stays_available_and_computes_in_fp32():

@@ -26,7 +26,10 @@ def load_for_inference(params, adapter_dir: Path | None = None):
 
         check_adapter(adapter_dir, base_identity(resolved))
     tokenizer = load_tokenizer(resolved)
-    quantize, dtype_name = resolve_precision(params.train.quantization, params.train.compute_dtype, cuda)
+    from stages.lib.precision import cpu_multiplies_bf16
+
+    quantize, dtype_name = resolve_precision(params.train.quantization, params.train.compute_dtype, cuda,
+                                             cpu_bf16=not cuda and cpu_multiplies_bf16())
     dtype = pick_compute_dtype(dtype_name, cuda, quantize)
     model = load_model(resolved, quantize=quantize, compute_dtype=dtype,
                        device_map={"": 0} if cuda else None)

@@ -223,12 +223,14 @@ def base_identity(resolved: ResolvedModel) -> dict:
     return identity
 
 
-def resolve_precision(quantization: str, compute_dtype: str, cuda: bool) -> tuple[bool, str]:
+def resolve_precision(quantization: str, compute_dtype: str, cuda: bool, cpu_bf16: bool) -> tuple[bool, str]:
     """(quantise to nf4?, compute dtype name) for `train.quantization` and `train.compute_dtype`.
 
     On CUDA, auto means nf4 (QLoRA) with bf16 compute (fp16 where bf16 is missing is decided by
-    the caller). On CPU, auto means no quantisation and the mixed bf16 scheme of
-    stages/lib/precision.py: bitsandbytes has no fast CPU 4-bit kernel (it dequantises every
+    the caller). On CPU, auto means no quantisation, with the mixed bf16 scheme of
+    stages/lib/precision.py where the CPU multiplies bf16 natively (`cpu_bf16`:
+    precision.cpu_multiplies_bf16) and fp32 where it would emulate bf16, several times slower than
+    fp32. No quantisation on CPU because bitsandbytes has no fast CPU 4-bit kernel (it dequantises every
     weight for every product), and QLoRA's point, fitting a large model's weights in GPU memory,
     does not arise for the small models a CPU can train (bench/NOTES.md, CPU section). nf4 on CPU
     stays available (`train.quantization: nf4`), with fp32 compute: nf4 with bf16 compute
@@ -239,7 +241,7 @@ def resolve_precision(quantization: str, compute_dtype: str, cuda: bool) -> tupl
         return quantize, compute_dtype
     if cuda:
         return quantize, "bf16"
-    return quantize, "fp32" if quantize else "bf16"
+    return quantize, "bf16" if cpu_bf16 and not quantize else "fp32"
 
 
 def unwrap_peft(model):
@@ -268,7 +270,7 @@ def leave_out_unused_bitsandbytes(stage: str) -> bool:
     import torch
 
     cuda = torch.cuda.is_available()
-    if cuda or resolve_precision(train.quantization, train.compute_dtype, cuda)[0]:
+    if cuda or resolve_precision(train.quantization, train.compute_dtype, cuda, cpu_bf16=False)[0]:  # nf4 or not
         return False
     sys.modules["bitsandbytes"] = None  # importlib's find_spec then answers None: not installed
     return True
@@ -283,14 +285,14 @@ def run_model_stage(stage: str, main) -> int:
     return run_stage(stage, main)
 
 
-def pick_compute_dtype(requested: str, cuda: bool, quantize: bool = True):
+def pick_compute_dtype(requested: str, cuda: bool, quantize: bool = True, cpu_bf16: bool = False):
     """The torch dtype for a compute dtype name; "auto" as `resolve_precision` decides it."""
     import torch
 
     if requested == "auto":
         if cuda:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32 if quantize else torch.bfloat16
+        return torch.bfloat16 if cpu_bf16 and not quantize else torch.float32
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[requested]
 
 

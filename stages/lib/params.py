@@ -176,8 +176,9 @@ class TrainParams(_Section):
     # auto: nf4 (QLoRA) on CUDA; none on CPU, where bitsandbytes has no fast 4-bit kernel
     # (stages/lib/modeling.py: resolve_precision).
     quantization: Literal["auto", "nf4", "none"] = "auto"
-    # auto: bf16 on CUDA; on CPU bf16 products of the frozen weights with fp32 LoRA weights, norms
-    # and loss (stages/lib/precision.py), or fp32 with nf4 (docs/design.md#cpu-compute-in-fp32).
+    # auto: bf16 on CUDA; on a CPU with bf16 matrix instructions (AVX-512 BF16, AMX) bf16 products
+    # of the frozen weights with fp32 LoRA weights, norms and loss (stages/lib/precision.py); fp32
+    # on other CPUs, where bf16 is emulated and slower, and with nf4 (docs/design.md#cpu-compute-in-fp32).
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     # auto: the throughput profile on CUDA, the cpu profile (packed rows, mixed bf16) on CPU.
     profile: Literal["auto", "throughput", "low_memory", "cpu"] = "auto"

@@ -12,7 +12,9 @@ What must stay fp32 stays fp32 here:
 Only the frozen base weights of the decoder's linear layers are stored in bf16 (half the memory
 of fp32, no per-step cast), and their inputs are rounded to bf16 on the way in and the products
 widened back to fp32 on the way out. CPUs with AVX-512 BF16 (or AMX) multiply bf16 matrices
-several times faster than fp32 ones (bench/NOTES.md has the figures of the reference machine).
+several times faster than fp32 ones (bench/NOTES.md has the figures of the reference machine);
+on the others bf16 is emulated and slower than fp32, so `auto` picks the scheme only where
+`cpu_multiplies_bf16` says the instructions are there, and fp32 elsewhere.
 The weights are frozen, so the backward pass needs only grad_input = grad_output @ W, again a
 bf16 product, and nothing of the input is kept for it.
 """
@@ -20,6 +22,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
+
+
+@functools.cache
+def cpu_multiplies_bf16() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AVX-512 BF16 or AMX), where the scheme above
+    is faster than fp32. Without them oneDNN emulates bf16, and the same product is several times
+    slower than in fp32: on an AVX2-only AMD EPYC (2 cores) a 320x576 @ 576x1536 product took
+    37.7 ms in bf16 and 7.7 ms in fp32, and a default training step 45 s instead of about 1 s
+    (bench/NOTES.md, CPU section). Other architectures answer False: fp32, never a slow path."""
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 @functools.cache  # built on first use: torch is a heavy import

@@ -97,7 +97,7 @@ class TrainingPlan:
 
 
 def plan_training(train, cuda: bool, bf16_supported: bool = True, liger_available: bool = False,
-                  varlen_available: bool = False) -> TrainingPlan:
+                  varlen_available: bool = False, cpu_bf16: bool = False) -> TrainingPlan:
     """Resolve `train.profile` and the auto settings for this device (pure: no torch calls).
 
     throughput (the CUDA default): packed padding-free micro-batches of `tokens_per_batch` tokens
@@ -105,7 +105,8 @@ def plan_training(train, cuda: bool, bf16_supported: bool = True, liger_availabl
     checkpointing, Liger kernels. low_memory: the same with gradient checkpointing and a smaller
     token budget, for 16-24 GB cards. cpu (the CPU default): packed padding-free rows of
     CPU_TOKENS tokens with per-example attention, no quantisation, the frozen base's products in
-    bf16 with fp32 LoRA weights, norms and loss (stages/lib/precision.py). The GPU-only switches
+    bf16 with fp32 LoRA weights, norms and loss (stages/lib/precision.py) where the CPU multiplies
+    bf16 natively (`cpu_bf16`), fp32 elsewhere. The GPU-only switches
     turn themselves off without CUDA; the GPU profiles on CPU, and the cpu profile on CUDA, keep
     plain padded batches.
     """
@@ -114,7 +115,7 @@ def plan_training(train, cuda: bool, bf16_supported: bool = True, liger_availabl
     profile = train.profile
     if profile == "auto":
         profile = "throughput" if cuda else "cpu"
-    quantize, dtype = resolve_precision(train.quantization, train.compute_dtype, cuda)
+    quantize, dtype = resolve_precision(train.quantization, train.compute_dtype, cuda, cpu_bf16)
     if cuda and train.compute_dtype == "auto" and not bf16_supported:
         dtype = "fp16"
     on_gpu_profile = cuda and profile in ("throughput", "low_memory")
@@ -444,9 +445,12 @@ def resolve_plan(train, model=None) -> TrainingPlan:
     import torch
 
     cuda = torch.cuda.is_available()
+    from stages.lib.precision import cpu_multiplies_bf16
+
     plan = plan_training(train, cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported(),
                          liger_available=importlib.util.find_spec("liger_kernel") is not None,
-                         varlen_available=cuda and varlen_available())
+                         varlen_available=cuda and varlen_available(),
+                         cpu_bf16=not cuda and cpu_multiplies_bf16())
     if cuda and model is not None:
         free, _total = torch.cuda.mem_get_info()
         plan = fit_token_budget(plan, model.config, free, train.lora.dropout)
