@@ -230,8 +230,8 @@ def resolve_precision(quantization: str, compute_dtype: str, cuda: bool, cpu_bf1
     the caller). On CPU, auto means no quantisation, with the mixed bf16 scheme of
     stages/lib/precision.py where the CPU multiplies bf16 natively (`cpu_bf16`:
     precision.cpu_multiplies_bf16) and fp32 where it would emulate bf16, several times slower than
-    fp32. No quantisation on CPU because bitsandbytes has no fast CPU 4-bit kernel (it dequantises every
-    weight for every product), and QLoRA's point, fitting a large model's weights in GPU memory,
+    fp32. No quantisation on CPU because bitsandbytes has no fast CPU 4-bit kernel (it
+    dequantises every weight for every product), and QLoRA's point, fitting a large model's weights in GPU memory,
     does not arise for the small models a CPU can train (bench/NOTES.md, CPU section). nf4 on CPU
     stays available (`train.quantization: nf4`), with fp32 compute: nf4 with bf16 compute
     diverged (docs/design.md#cpu-compute-in-fp32).
@@ -270,7 +270,8 @@ def leave_out_unused_bitsandbytes(stage: str) -> bool:
     import torch
 
     cuda = torch.cuda.is_available()
-    if cuda or resolve_precision(train.quantization, train.compute_dtype, cuda, cpu_bf16=False)[0]:  # nf4 or not
+    # Only the nf4 decision is read here, which does not depend on the CPU's bf16 support.
+    if cuda or resolve_precision(train.quantization, train.compute_dtype, cuda, cpu_bf16=False)[0]:
         return False
     sys.modules["bitsandbytes"] = None  # importlib's find_spec then answers None: not installed
     return True

@@ -29,7 +29,7 @@ def cpu_multiplies_bf16() -> bool:
     """Whether this CPU has bf16 matrix instructions (AVX-512 BF16 or AMX), where the scheme above
     is faster than fp32. Without them oneDNN emulates bf16, and the same product is several times
     slower than in fp32: on an AVX2-only AMD EPYC (2 cores) a 320x576 @ 576x1536 product took
-    37.7 ms in bf16 and 7.7 ms in fp32, and a default training step 45 s instead of about 1 s
+    37.7 ms in bf16 and 7.7 ms in fp32, and a default training step 45 s instead of about 2.5 s
     (bench/NOTES.md, CPU section). Other architectures answer False: fp32, never a slow path."""
     import torch
 
