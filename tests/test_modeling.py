@@ -43,10 +43,16 @@ def test_gguf_parsed_once_inside_the_block_and_put_back_after(tmp_path):
     assert [t.name for t in fresh.tensors] == [t.name for t in first.tensors] == ["token_embd.weight"]
 
 
-def test_a_cpu_stage_that_quantises_nothing_never_imports_bitsandbytes():
+def _run_on_cpu(code: str) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter (leaving bitsandbytes out lasts as long as the process); the
+    test is skipped on CUDA, where the default quantises (nf4) and bitsandbytes is needed."""
     pytest.importorskip("peft")
     if pytest.importorskip("torch").cuda.is_available():
         pytest.skip("on CUDA the default quantises (nf4): bitsandbytes is needed there")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_a_cpu_stage_that_quantises_nothing_never_imports_bitsandbytes():
     code = ("import sys, torch\n"
             "assert not torch.cuda.is_available()\n"
             "from stages.lib.modeling import leave_out_unused_bitsandbytes\n"
@@ -55,7 +61,7 @@ def test_a_cpu_stage_that_quantises_nothing_never_imports_bitsandbytes():
             "assert sys.modules['bitsandbytes'] is None\n"
             "assert not peft.import_utils.is_bnb_available() and not u.is_bitsandbytes_available()\n"
             "assert not leave_out_unused_bitsandbytes('train')  # already decided: nothing to do\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = _run_on_cpu(code)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "gemm_4bit_forward" not in done.stderr  # bitsandbytes' import-time warning is gone too
 
@@ -63,16 +69,13 @@ def test_a_cpu_stage_that_quantises_nothing_never_imports_bitsandbytes():
 def test_a_model_stage_runs_under_run_stage_with_bitsandbytes_left_out():
     """run_model_stage, what the model stages' `__main__` calls: bitsandbytes is left out before
     the stage runs, and a failure is run_stage's one line and exit status 1."""
-    pytest.importorskip("peft")
-    if pytest.importorskip("torch").cuda.is_available():
-        pytest.skip("on CUDA the default quantises (nf4): bitsandbytes is needed there")
     code = ("import sys\n"
             "from stages.lib.modeling import run_model_stage\n"
             "def main():\n"
             "    assert sys.modules['bitsandbytes'] is None\n"
             "    raise ValueError('the stage failed here')\n"
             "sys.exit(run_model_stage('train', main))\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = _run_on_cpu(code)
     assert done.returncode == 1, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1] == "train: the stage failed here"
     assert "Traceback" not in done.stderr

@@ -286,14 +286,15 @@ def run_model_stage(stage: str, main) -> int:
     return run_stage(stage, main)
 
 
-def pick_compute_dtype(requested: str, cuda: bool, quantize: bool = True, cpu_bf16: bool = False):
-    """The torch dtype for a compute dtype name; "auto" as `resolve_precision` decides it."""
+def pick_compute_dtype(requested: str, cuda: bool, quantize: bool = True):
+    """The torch dtype for a compute dtype name. The stages pass `resolve_precision`'s answer,
+    which knows the CPU's bf16 support; a bare "auto" on CPU gets fp32, never a slow path."""
     import torch
 
     if requested == "auto":
         if cuda:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_bf16 and not quantize else torch.float32
+        return torch.float32
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[requested]
 
 
